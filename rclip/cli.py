@@ -1,0 +1,103 @@
+"""The ``rclip`` command line.
+
+    rclip book --profile cpu [--publish] [--only 00_world]    execute the notebooks and build the book
+    rclip world-clip train --profile gpu [--device cuda]       pre-train and write the shipped world CLIP
+    rclip world-clip check                                     verify the shipped file against its checksum
+    rclip profiles                                             list profiles and what they are for
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from rclip.errors import RClipError
+
+
+def _cmd_world_clip(args: argparse.Namespace) -> int:
+    from rclip import models
+    from rclip.profiles import load_profile
+
+    if args.action == "check":
+        path = models.WORLD_CLIP_DIR / "model.safetensors"
+        want = (models.WORLD_CLIP_DIR / "SHA256SUMS").read_text().split()[0]
+        got = models.sha256(path)
+        print(f"{path}: {'OK' if got == want else 'MISMATCH'} ({got})")
+        return 0 if got == want else 1
+
+    from rclip.world_clip import train_world_clip
+
+    settings = dict(load_profile(args.profile).get("world_clip") or {})
+    if not settings:
+        raise RClipError(f"profile {args.profile!r} has no world_clip section; the world CLIP is trained at "
+                         "profile 'gpu' (or 'smoke' for a test run)")
+    for key in ("steps", "batch_size", "num_workers"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    command = "rclip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    assets = None if args.no_write else (args.assets_dir or models.WORLD_CLIP_DIR)
+    log = train_world_clip(settings, device=args.device, assets_dir=assets, run_dir=args.run_dir,
+                           command=command, max_minutes=args.max_minutes, rank_weights_dir=args.rank_weights,
+                           progress=not args.quiet)
+    if log.get("evals"):
+        print("final validation:", log["evals"][-1])
+    return 0
+
+
+def _cmd_book(args: argparse.Namespace) -> int:
+    from rclip.book import run_book
+
+    return run_book(args.profile, publish=args.publish, only=args.only, build=not args.no_build,
+                    out=args.out)
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    from rclip.profiles import list_profiles, load_profile
+
+    for name in list_profiles():
+        print(f"{name:8s} {load_profile(name).get('description', '').strip().splitlines()[0]}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rclip", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("book", help="execute the notebooks under a profile and build the HTML book")
+    b.add_argument("--profile", default="cpu")
+    b.add_argument("--publish", action="store_true",
+                   help="write executed notebooks and results into book/ (the committed, published outputs)")
+    b.add_argument("--only", nargs="*", help="notebook names to execute (default: all)")
+    b.add_argument("--no-build", action="store_true", help="execute notebooks only; skip jupyter-book build")
+    b.add_argument("--out", help="output directory for unpublished runs (default _build/<profile>)")
+    b.set_defaults(func=_cmd_book)
+
+    w = sub.add_parser("world-clip", help="train or check the shipped world CLIP")
+    w.add_argument("action", choices=["train", "check"])
+    w.add_argument("--profile", default="gpu")
+    w.add_argument("--device", default="auto")
+    w.add_argument("--steps", type=int)
+    w.add_argument("--batch-size", type=int)
+    w.add_argument("--num-workers", type=int)
+    w.add_argument("--max-minutes", type=float, help="stop cleanly (checkpointed) after this many minutes")
+    w.add_argument("--assets-dir", help="where to write the model (default: the package's assets)")
+    w.add_argument("--run-dir", help="checkpoint directory (default: in the cache, keyed by the settings)")
+    w.add_argument("--rank-weights", help="also write each rank's final weights here (DDP test)")
+    w.add_argument("--no-write", action="store_true", help="train without writing the assets")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(func=_cmd_world_clip)
+
+    p = sub.add_parser("profiles", help="list the profiles")
+    p.set_defaults(func=_cmd_profiles)
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RClipError as exc:
+        print(f"rclip: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

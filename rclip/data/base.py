@@ -1,0 +1,125 @@
+"""The two dataset interfaces every scale implements: zero-shot classification tasks and retrieval sets.
+
+World tasks (:mod:`rclip.world.tasks`) and real datasets (:mod:`rclip.data`) return these same objects, so a
+notebook switches scale by a parameter. Images are always float tensors in [0, 1] of shape (3, H, W); the model
+bundle's differentiable ``normalize`` is applied inside the model call, never here, so attacks work in pixel space.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from rclip.errors import RClipError
+
+
+class TransformedImages(Dataset):
+    """Images read lazily by ``load(i) -> PIL.Image`` and turned into [0, 1] tensors by ``transform``."""
+
+    def __init__(self, n: int, load: Callable[[int], object], transform: Callable[[object], torch.Tensor],
+                 labels: Sequence[int] | None = None):
+        self.n, self.load, self.transform = n, load, transform
+        self.labels = None if labels is None else list(labels)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        img = self.transform(self.load(i))
+        return img if self.labels is None else (img, self.labels[i])
+
+
+@dataclass
+class ZeroShotTask:
+    """A zero-shot classification task.
+
+    Attributes:
+        name: e.g. ``"world/colour_shape"`` or ``"cifar10"``.
+        dataset: yields ``(image (3, H, W) in [0, 1], label int)``.
+        classnames: K names, inserted into templates.
+        templates: prompt templates with one ``{}`` each.
+        descriptions: K lists of class descriptions (the role of CuPL/AWT LLM descriptions); may be empty lists.
+        scale: ``"world"`` or ``"paper"``.
+        meta: provenance (split, seed, resolution, root path, ...).
+    """
+
+    name: str
+    dataset: Dataset
+    classnames: list[str]
+    templates: list[str]
+    descriptions: list[list[str]] = field(default_factory=list)
+    scale: str = "world"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.classnames:
+            raise RClipError(f"task {self.name!r} has an empty class list: give at least two class names")
+        if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+            raise RClipError(f"task {self.name!r}: every template needs exactly one '{{}}' placeholder")
+        if self.descriptions and len(self.descriptions) != len(self.classnames):
+            raise RClipError(f"task {self.name!r}: {len(self.descriptions)} description lists for "
+                             f"{len(self.classnames)} classes")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def loader(self, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+    def tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All (or the first ``limit``) images and labels as two tensors: (N, 3, H, W), (N,)."""
+        ds = self.dataset
+        if isinstance(ds, TensorDataset):
+            x, y = ds.tensors
+            return (x, y) if limit is None else (x[:limit], y[:limit])
+        n = len(ds) if limit is None else min(limit, len(ds))
+        xs, ys = zip(*(ds[i] for i in range(n)))
+        return torch.stack(xs), torch.as_tensor(ys)
+
+
+@dataclass
+class RetrievalSet:
+    """Images with several captions each.
+
+    Attributes:
+        images: yields image tensors (3, H, W) in [0, 1].
+        captions: all captions, grouped by image.
+        txt2img: (T,) index of the image each caption belongs to.
+        img2txt: for each image, the indices of its captions.
+    """
+
+    name: str
+    images: Dataset
+    captions: list[str]
+    txt2img: torch.Tensor
+    img2txt: list[list[int]]
+    scale: str = "world"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.txt2img) != len(self.captions):
+            raise RClipError(f"{self.name}: {len(self.captions)} captions but {len(self.txt2img)} owner indices")
+        if len(self.img2txt) != len(self.images):
+            raise RClipError(f"{self.name}: {len(self.images)} images but {len(self.img2txt)} caption groups")
+
+    def image_tensor(self) -> torch.Tensor:
+        ds = self.images
+        if isinstance(ds, TensorDataset):
+            return ds.tensors[0]
+        return torch.stack([ds[i] for i in range(len(ds))])
+
+    @staticmethod
+    def from_groups(name: str, images: Dataset, groups: Sequence[Sequence[str]], **kw) -> "RetrievalSet":
+        """Build from one list of captions per image."""
+        captions, owner, img2txt = [], [], []
+        for i, group in enumerate(groups):
+            img2txt.append(list(range(len(captions), len(captions) + len(group))))
+            captions += list(group)
+            owner += [i] * len(group)
+        return RetrievalSet(name, images, captions, torch.tensor(owner, dtype=torch.long), img2txt, **kw)

@@ -1,0 +1,300 @@
+"""Contrastive pre-training of a CLIP bundle: symmetric InfoNCE with a learnable temperature.
+
+* Data: any map-style dataset of image-caption pairs. A dataset with ``__getitems__(indices) -> {"images",
+  "texts"}`` (e.g. :class:`rclip.world.WorldPairs`) builds whole batches at once; otherwise items are
+  ``(image (3, H, W) in [0, 1], caption str)``. Which samples form step ``t``'s batch is a pure function of
+  ``(seed, t)`` (:class:`StepBatchSampler`), so a resumed run sees exactly the data an uninterrupted one would.
+* Data parallel: launched by ``torchrun``, each rank takes its slice of the global batch, the model is wrapped in
+  ``DistributedDataParallel`` and every rank's loss sees all ranks' features (gathered with gradient), so N
+  processes compute the same update as one process with the whole batch.
+* Mixed precision: bfloat16 autocast on CUDA (no loss scaling needed); fp32 on CPU.
+* Checkpoints: every ``ckpt_every`` steps into ``out_dir/ckpt-<step>/``, announced by rewriting
+  ``out_dir/latest.json`` last; resume verifies the model file's sha256 before trusting it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from rclip.cache import atomic_path, write_json
+from rclip.errors import RClipError
+from rclip.models import CLIPBundle, read_state_dict, sha256
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``batch_size`` is the global batch (split across ranks)."""
+
+    steps: int
+    batch_size: int = 256
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float | None = 1.0
+    amp: bool = True
+    seed: int = 0
+    log_every: int = 25
+    ckpt_every: int = 500
+    eval_every: int = 0
+    num_workers: int = 0
+    max_minutes: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise ``torch.distributed`` from torchrun's environment if present. Returns (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_with_grad(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                     rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch.
+
+    Args:
+        image_features, text_features: (B, D) unit-norm features of this rank's pairs.
+        logit_scale: scalar, the inverse temperature (already exponentiated).
+    Returns: this rank's mean loss; the mean over ranks is the global-batch loss (DDP averages the gradients).
+    """
+    all_img = _gather_with_grad(image_features, world)
+    all_txt = _gather_with_grad(text_features, world)
+    b = image_features.shape[0]
+    labels = torch.arange(b, device=image_features.device) + rank * b
+    logits_i = logit_scale * image_features @ all_txt.T
+    logits_t = logit_scale * text_features @ all_img.T
+    return 0.5 * (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Index lists for steps ``start .. steps-1`` of this rank.
+
+    Each epoch is a permutation drawn from ``(seed, epoch)``; global batches are consecutive slices of it (the
+    tail that does not fill a batch is dropped) and rank ``r`` takes the ``r``-th local slice. Datasets larger than
+    10 M items are read in order (their items are i.i.d. by construction, and a permutation would not fit).
+    """
+
+    def __init__(self, n: int, global_batch: int, steps: int, *, start: int = 0, rank: int = 0, world: int = 1,
+                 seed: int = 0):
+        if global_batch % world:
+            raise RClipError(f"batch size {global_batch} is not divisible by the {world} processes")
+        if n < global_batch:
+            raise RClipError(f"the dataset has {n} pairs, fewer than one batch of {global_batch}")
+        self.n, self.gb, self.steps, self.start = n, global_batch, steps, start
+        self.rank, self.world, self.seed = rank, world, seed
+        self.per_epoch = n // global_batch
+        self.local = global_batch // world
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor | None:
+        if self.n > 10_000_000:
+            return None
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=gen)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, order = -1, None
+        for step in range(self.start, self.steps):
+            e, k = divmod(step, self.per_epoch)
+            if e != epoch:
+                epoch, order = e, self._epoch_order(e)
+            lo = k * self.gb + self.rank * self.local
+            if order is None:
+                base = e * self.per_epoch * self.gb
+                yield list(range(base + lo, base + lo + self.local))
+            else:
+                yield order[lo:lo + self.local].tolist()
+
+
+def _collate(items):
+    if isinstance(items, dict):  # a batch built by the dataset's __getitems__
+        return items
+    images, texts = zip(*items)
+    return {"images": torch.stack(list(images)), "texts": list(texts)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+def _save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, log: dict) -> None:
+    from safetensors.torch import save_file
+
+    d = out / f"ckpt-{step}"
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(d / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    with atomic_path(d / "optim.pt") as tmp:
+        torch.save({"optimizer": opt.state_dict(), "step": step}, tmp)
+    write_json(d / "log.json", log)
+    write_json(out / "latest.json", {"step": step, "dir": d.name, "model_sha256": sha256(d / "model.safetensors")})
+    for old in out.glob("ckpt-*"):
+        if old != d and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict] | None:
+    latest = out / "latest.json"
+    if not latest.is_file():
+        return None
+    info = json.loads(latest.read_text())
+    d = out / info["dir"]
+    if not (d / "model.safetensors").is_file() or sha256(d / "model.safetensors") != info["model_sha256"]:
+        raise RClipError(f"checkpoint {d} does not match {latest} (interrupted write?). Delete {out} to restart.")
+    state, _ = read_state_dict(d / "model.safetensors")
+    model.load_state_dict(state, strict=True)
+    blob = torch.load(d / "optim.pt", map_location="cpu", weights_only=True)
+    opt.load_state_dict(blob["optimizer"])
+    return int(info["step"]), json.loads((d / "log.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name or "embedding" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def pretrain(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path, *,
+             evaluate: Callable[[CLIPBundle], dict] | None = None, progress: bool = True) -> dict:
+    """Train ``bundle.model`` in place on image-caption pairs; resume from ``out_dir`` if it holds a checkpoint.
+
+    Returns the training log: config, per-step records (loss, lr, logit scale, samples, seconds) and evaluations.
+    """
+    rank, world = init_distributed()
+    out = Path(out_dir)
+    device = bundle.device
+    model = bundle.model
+    model.train()
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+    log = {"config": asdict(cfg), "world_size": world, "device": str(device), "records": [], "evals": [],
+           "wall_s": 0.0, "stopped_early": False}
+    start = 0
+    resumed = _load_checkpoint(out, model, opt)
+    if resumed is not None:
+        start, log = resumed
+        log["resumed_from"] = start
+        log["stopped_early"] = False
+    if start >= cfg.steps:
+        return log
+
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.steps, start=start, rank=rank, world=world,
+                               seed=cfg.seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate, num_workers=cfg.num_workers,
+                        persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)
+    use_amp = cfg.amp and device.type == "cuda"
+    t0 = time.time() - log["wall_s"]
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, desc="pre-training",
+               dynamic_ncols=True)
+    step = start
+    for batch in loader:
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        images = batch["images"].to(device, non_blocking=True)
+        tokens = bundle.tokenizer(batch["texts"]).to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            img_f, txt_f, scale = train_model(bundle.normalize(images), tokens)[:3]
+        loss = contrastive_loss(img_f.float(), txt_f.float(), scale.float(), rank, world)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        bar.update(1)
+
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            rec = {"step": step, "loss": round(loss.item(), 5), "lr": lr, "logit_scale": round(scale.item(), 3),
+                   "samples": step * cfg.batch_size, "wall_s": round(time.time() - t0, 1)}
+            log["records"].append(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", scale=f"{rec['logit_scale']:.1f}")
+        if evaluate is not None and rank == 0 and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+            model.eval()
+            log["evals"].append({"step": step, "samples": step * cfg.batch_size, **evaluate(bundle)})
+            model.train()
+        out_of_time = cfg.max_minutes is not None and (time.time() - t0) > 60 * cfg.max_minutes
+        if world > 1:
+            flag = torch.tensor([float(out_of_time)], device=device)
+            dist.all_reduce(flag)
+            out_of_time = bool(flag.item() > 0)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
+            log["wall_s"] = round(time.time() - t0, 1)
+            log["last_step"] = step
+            if rank == 0:
+                _save_checkpoint(out, step, model, opt, log)
+            if world > 1:
+                dist.barrier()
+        if out_of_time:
+            log["stopped_early"] = step < cfg.steps
+            break
+    bar.close()
+    model.eval()
+    log["wall_s"] = round(time.time() - t0, 1)
+    log["last_step"] = step
+    return log

@@ -1,0 +1,88 @@
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from rclip import book
+from rclip.errors import RClipError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke_site(tmp_path_factory):
+    """The whole book at profile smoke: every notebook executed, HTML built (what CI checks)."""
+    site = tmp_path_factory.mktemp("smoke-site")
+    assert book.run_book("smoke", out=site, progress=False) == 0
+    return site
+
+
+@pytest.mark.slow
+def test_smoke_book_executes_every_notebook_and_builds_html(smoke_site):
+    for name in book.notebook_names():
+        nb = nbformat.read(smoke_site / "executed" / f"{name}.ipynb", as_version=4)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert not errors
+        blob = json.loads((smoke_site / "executed" / "results" / f"{name}.json").read_text())
+        assert blob["profile"] == "smoke" and blob["notebook"] == name and blob["results"]
+        assert {"seed", "device", "versions", "wall_s"} <= set(blob)
+    html = smoke_site / "_build" / "html" / "book" / "00_world.html"
+    text = html.read_text()
+    assert "The world and its CLIP" in text and "reference budget" in text
+    assert "<img" in text and "<table" in text
+
+
+@pytest.mark.slow
+def test_same_seed_same_results(smoke_site, tmp_path):
+    book.execute_notebook("00_world", "smoke", tmp_path, progress=False)
+    a = json.loads((smoke_site / "executed" / "results" / "00_world.json").read_text())
+    b = json.loads((tmp_path / "results" / "00_world.json").read_text())
+    assert a["results"] == b["results"]
+
+
+def test_failing_notebook_names_notebook_and_cell(tmp_path, monkeypatch):
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "smoke.yml").write_text("description: test\nnotebooks: {}\n")
+    (tmp_path / "notebooks").mkdir()
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("y = 2"),
+        nbformat.v4.new_code_cell("raise ValueError('broken on purpose')"),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "notebooks" / "99_bad.ipynb")
+    monkeypatch.setenv("RCLIP_ROOT", str(tmp_path))
+    with pytest.raises(RClipError, match=r"notebook 99_bad failed in cell \d+ .*ValueError: broken on purpose"):
+        book.run_book("smoke", build=False, progress=False)
+    assert not (tmp_path / "_build" / "smoke" / "executed" / "99_bad.ipynb").exists()  # never moved into place
+    assert (tmp_path / "_build" / "smoke" / "executed" / "failed" / "99_bad.ipynb").exists()
+
+
+def test_paper_profile_fails_fast_without_inputs():
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "rclip.cli", "book", "--profile", "paper"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                                                             "HOME": str(ROOT / "_build")})
+    assert proc.returncode == 2
+    assert "paper profile's inputs are not usable" in proc.stderr and "inputs.datasets" in proc.stderr
+    assert "ViT-B-32" in proc.stderr
+    assert time.time() - t0 < 30
+
+
+def test_unknown_profile_and_notebook():
+    with pytest.raises(RClipError, match="unknown profile"):
+        book.run_book("laptop")
+    with pytest.raises(RClipError, match="unknown notebooks"):
+        book.run_book("smoke", only=["07_nothing"])
+
+
+def test_results_refuse_nan(tmp_path):
+    run = book.Run("x", "smoke", results_path=str(tmp_path / "r.json"))
+    with pytest.raises(RClipError, match="NaN"):
+        run.save({"a": float("nan")})
+    assert not (tmp_path / "r.json").exists()

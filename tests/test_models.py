@@ -1,0 +1,103 @@
+import pickle
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rclip import models
+from rclip.errors import RClipError
+
+
+def test_bundle_pieces(tiny):
+    assert tiny.meta["name"] == "rclip-tiny" and tiny.meta["source"] == "random-init"
+    x = torch.rand(3, 3, 32, 32, requires_grad=True)
+    f = tiny.image_features(x)
+    assert f.shape == (3, 32) and torch.allclose(f.norm(dim=-1), torch.ones(3), atol=1e-5)
+    f.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # normalisation is differentiable
+    manual = (x.detach() - torch.tensor(models.OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(models.OPENAI_STD).view(1, 3, 1, 1)
+    assert torch.allclose(tiny.normalize(x.detach()), manual)
+    t = tiny.encode_texts(["a red circle", "two blue hearts", "a striped background"])
+    assert t.shape == (3, 32)
+    from PIL import Image
+
+    img = tiny.preprocess(Image.new("RGB", (50, 40), (255, 0, 0)))
+    assert img.shape == (3, 32, 32) and img.max() <= 1 and img[0].mean() > 0.99
+
+
+def test_safetensors_roundtrip(tiny, tmp_path):
+    path = tmp_path / "m.safetensors"
+    models.save(tiny, path)
+    again = models.load(None, checkpoint=path)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(again.image_features(x), tiny.image_features(x))
+    assert again.meta["sha256"] == models.sha256(path)
+    half = tmp_path / "h.safetensors"
+    models.save(tiny, half, dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * path.stat().st_size
+    assert torch.allclose(models.load(None, checkpoint=half).image_features(x), tiny.image_features(x), atol=2e-2)
+
+
+def test_named_architecture_from_checkpoint(tiny, tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": {"module." + k: v for k, v in tiny.model.state_dict().items()}}, path)
+    loaded = models.load("rclip-tiny", checkpoint=path)
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(loaded.image_features(x), tiny.image_features(x))
+
+
+def test_mismatched_architecture_is_refused(tiny, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    models.save(tiny, path)
+    with pytest.raises(RClipError, match="do not fit this architecture"):
+        models.load("rclip-world", checkpoint=path)
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    with pytest.raises(RClipError, match="not a plain weights file"):
+        models.read_state_dict(path)
+
+
+def test_bad_names_and_paths(tmp_path):
+    with pytest.raises(RClipError, match="unknown model"):
+        models.load("ViT-Q-99")
+    with pytest.raises(RClipError, match="not found"):
+        models.load("rclip-tiny", checkpoint=tmp_path / "nope.safetensors")
+    with pytest.raises(RClipError, match="unknown pretrained tag"):
+        models.load("ViT-B-32", "no-such-tag")
+
+
+def test_openai_weights_offline_fail_fast():
+    code = ("import time, rclip.models as m\nt = time.time()\ntry:\n    m.load('ViT-B-32', 'openai')\n"
+            "except m.RClipError as e:\n    print('ERR', e)\nprint('SECONDS', time.time() - t)\n")
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_home())})
+    elapsed = time.time() - t0
+    assert "ERR pretrained weights for ViT-B-32 (pretrained='openai') are not in the local cache" in out.stdout, out
+    assert "checkpoint=" in out.stdout and "HF_HOME" in out.stdout
+    assert elapsed < 10, elapsed
+
+
+def tmp_home():
+    import tempfile
+
+    return tempfile.mkdtemp()
+
+
+def test_shipped_world_clip_matches_its_checksum():
+    path = models.WORLD_CLIP_DIR / "model.safetensors"
+    want = (models.WORLD_CLIP_DIR / "SHA256SUMS").read_text().split()[0]
+    assert models.sha256(path) == want
+    bundle = models.load("world")
+    assert bundle.meta["source"] == "world" and bundle.meta["name"] == "world"
+    assert next(bundle.model.parameters()).dtype == torch.float32
