@@ -110,7 +110,10 @@ def load_results(notebook: str, book_dir: str | Path | None = None) -> dict:
 
 def reference_budget(book_dir: str | Path | None = None) -> float:
     """The world's reference budget (L-inf radius in [0, 1] units) fixed by chapter 0."""
-    return float(load_results("00_world", book_dir)["results"]["reference_eps"])
+    value = load_results("00_world", book_dir)["results"]["reference_eps_255"]  # exact: a multiple of 1/255
+    if value is None:
+        raise RClipError("chapter 0 found no reference budget in its eps grid; extend eps_grid in its profile")
+    return float(value) / 255
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -37,3 +37,11 @@ def reference_budget(sweeps: dict[str, dict[float, float]], threshold: float = 1
         if eps > 0 and all(s[eps] < threshold for s in sweeps.values()):
             return eps
     return None
+
+
+def accuracy_table(defenses: dict[str, nn.Module], inputs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                   ) -> dict[str, dict[str, float]]:
+    """Top-1 (%) of every defense (name -> [0, 1] pixels -> logits) on every input set (name -> (images, labels)).
+
+    Returns ``{defense: {input set: accuracy}}``."""
+    return {d: {s: accuracy(model, x, y) for s, (x, y) in inputs.items()} for d, model in defenses.items()}

@@ -210,9 +210,39 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+
+
+def contrastive_step(bundle: CLIPBundle, rank: int, world: int) -> LossFn:
+    """The pre-training loss of one batch ``{"images": (B, 3, S, S) in [0, 1], "texts": [B str]}``: symmetric
+    InfoNCE with the model's learnable temperature, gathered over ranks."""
+    def loss_fn(train_model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        device = bundle.device
+        images = batch["images"].to(device, non_blocking=True)
+        tokens = bundle.tokenizer(batch["texts"]).to(device, non_blocking=True)
+        img_f, txt_f, scale = train_model(bundle.normalize(images), tokens)[:3]  # under fit's autocast
+        with torch.autocast(device_type=device.type, enabled=False):              # the loss in fp32
+            return contrastive_loss(img_f.float(), txt_f.float(), scale.float(), rank, world)
+    return loss_fn
+
+
 def pretrain(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path, *,
              evaluate: Callable[[CLIPBundle], dict] | None = None, progress: bool = True) -> dict:
-    """Train ``bundle.model`` in place on image-caption pairs; resume from ``out_dir`` if it holds a checkpoint.
+    """Contrastively train ``bundle.model`` in place on image-caption pairs (see :func:`fit`)."""
+    rank, world = init_distributed()
+    return fit(bundle, dataset, cfg, out_dir, contrastive_step(bundle, rank, world), evaluate=evaluate,
+               progress=progress, desc="pre-training")
+
+
+def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path, loss_fn: LossFn, *,
+        module: torch.nn.Module | None = None, evaluate: Callable[[CLIPBundle], dict] | None = None,
+        progress: bool = True, desc: str = "training") -> dict:
+    """Train the parameters of ``bundle.model`` that require grad, in place, minimising ``loss_fn(net, batch)``
+    over batches of ``dataset``; resume from ``out_dir`` if it holds a checkpoint (of the whole model).
+
+    ``net`` is ``module`` (a submodule of ``bundle.model`` that the loss calls, e.g. ``model.visual``; default the
+    whole model), wrapped in DDP under ``torchrun``: the loss must run its trainable forward through ``net`` so
+    gradients are synchronised. On CUDA the loss runs under bf16 autocast.
 
     Returns the training log: config, per-step records (loss, lr, logit scale, samples, seconds) and evaluations.
     """
@@ -235,11 +265,11 @@ def pretrain(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: st
     if start >= cfg.steps:
         return log
 
-    train_model = model
+    train_model = model if module is None else module
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.steps, start=start, rank=rank, world=world,
                                seed=cfg.seed)
@@ -247,18 +277,14 @@ def pretrain(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: st
                         persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)
     use_amp = cfg.amp and device.type == "cuda"
     t0 = time.time() - log["wall_s"]
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, desc="pre-training",
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, desc=desc, dynamic_ncols=True)
     step = start
     for batch in loader:
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        images = batch["images"].to(device, non_blocking=True)
-        tokens = bundle.tokenizer(batch["texts"]).to(device, non_blocking=True)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            img_f, txt_f, scale = train_model(bundle.normalize(images), tokens)[:3]
-        loss = contrastive_loss(img_f.float(), txt_f.float(), scale.float(), rank, world)
+            loss = loss_fn(train_model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -270,6 +296,7 @@ def pretrain(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: st
         bar.update(1)
 
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+            scale = model.logit_scale.detach().exp()
             rec = {"step": step, "loss": round(loss.item(), 5), "lr": lr, "logit_scale": round(scale.item(), 3),
                    "samples": step * cfg.batch_size, "wall_s": round(time.time() - t0, 1)}
             log["records"].append(rec)

@@ -3,7 +3,7 @@ import torch
 import torchattacks
 
 from rclip import robustness, world, zeroshot
-from rclip.attacks import pgd
+from rclip.attacks import autoattack, cw, fgsm, margin_loss, mim, pgd
 from rclip.errors import RClipError
 
 
@@ -60,3 +60,80 @@ def test_pgd_sweep_and_reference_budget(setup):
     assert robustness.reference_budget(sweeps) == 4.0
     assert robustness.reference_budget(sweeps, threshold=15.0) == 2.0
     assert robustness.reference_budget({"c": {0.0: 99.0, 1.0: 50.0}}) is None
+
+
+def test_fgsm_and_mim_equal_torchattacks(setup):
+    clf, x, y = setup
+    eps = 4 / 255
+    assert torch.allclose(fgsm(clf, x, y, eps), torchattacks.FGSM(clf, eps=eps)(x, y), atol=1e-6)
+    ours = mim(clf, x, y, eps, steps=5)
+    ref = torchattacks.MIFGSM(clf, eps=eps, alpha=eps / 5, steps=5, decay=1.0)(x, y)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_cw_lowers_the_margin(setup):
+    clf, x, y = setup
+    eps = 4 / 255
+    adv = cw(clf, x, y, eps, steps=10, kappa=50)
+    assert (adv - x).abs().max() <= eps + 1e-6
+    with torch.no_grad():
+        assert margin_loss(clf(adv), y, 50) < margin_loss(clf(x), y, 50)
+    # first principles: one step from x (no random start) moves each pixel by eps against the margin's gradient
+    x0 = x.clone().requires_grad_(True)
+    logits = clf(x0)
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = torch.where(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), -1e9, logits).max(1).values
+    grad, = torch.autograd.grad(torch.clamp(true - other, min=-50).sum(), x0)
+    manual = (x - eps * grad.sign()).clamp(0, 1)
+    one_step = pgd(clf, x, y, eps, steps=1, alpha=eps, random_start=False, loss="margin", kappa=50)
+    assert torch.allclose(one_step, manual, atol=1e-6)
+
+
+def test_autoattack_is_at_least_as_strong_as_its_ce_stage(setup):
+    clf, x, y = setup
+    eps = 2 / 255
+    adv = autoattack(clf, x, y, eps, steps=10)
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    ce_only = torchattacks.APGD(clf, eps=eps, steps=10, seed=0, loss="ce")(x, y)
+    with torch.no_grad():
+        fooled, fooled_ce = clf(adv).argmax(1) != y, clf(ce_only).argmax(1) != y
+    assert (fooled | ~fooled_ce).all()  # every sample APGD-CE fools, AutoAttack fools too
+    assert torch.equal(adv, autoattack(clf, x, y, eps, steps=10))
+
+
+def test_eot_pgd_on_a_deterministic_defense_is_pgd(setup):
+    clf, x, y = setup
+    eps = 4 / 255
+
+    class Deterministic(torch.nn.Module):  # ignores the generator, so every draw is the same
+        def __init__(self):
+            super().__init__()
+            self.clf = clf
+
+        def forward(self, images, generator):
+            return self.clf(images)
+
+    from rclip.attacks import eot_pgd
+    for eot in (1, 3):
+        adv = eot_pgd(Deterministic(), x, y, eps, steps=5, eot=eot, seed=2)
+        assert torch.allclose(adv, pgd(clf, x, y, eps, steps=5, seed=2), atol=1e-6)
+
+
+def test_eot_pgd_averages_over_draws(setup):
+    clf, x, y = setup
+    eps = 4 / 255
+    calls = []
+
+    class Random(torch.nn.Module):  # a defense that adds generator-drawn noise to its logits
+        def __init__(self):
+            super().__init__()
+            self.clf = clf
+
+        def forward(self, images, generator):
+            calls.append(generator.initial_seed())
+            return self.clf(images) + torch.randn(len(images), clf.num_classes, generator=generator)
+
+    from rclip.attacks import eot_pgd
+    adv = eot_pgd(Random(), x, y, eps, steps=3, eot=4)
+    assert len(calls) == 12 and len(set(calls)) == 12  # a fresh draw for every sample of every step
+    assert (adv - x).abs().max() <= eps + 1e-6

@@ -237,3 +237,36 @@ def spec_images(specs: list[CaptionSpec], *, resolution: int = 64, seed: int = 0
 
 __all__ = ["TASKS", "TASK_NAMES", "SPLITS", "zeroshot_task", "retrieval_set", "WorldPairs", "class_descriptions",
            "spec_images"]
+
+
+class WorldLabelled(Dataset):
+    """The images of a world zero-shot task with their labels, generated on demand (for fine-tuning).
+
+    Item ``j`` is image ``j`` of ``zeroshot_task(task, split=split, seed=seed)`` (label ``j % K``), rendered only
+    when asked for, so a large training split costs no memory. Fetch batches with ``__getitems__``: a dict with
+    ``images`` (B, 3, R, R) in [0, 1], ``labels`` (B,) and ``index`` (B,).
+    """
+
+    def __init__(self, task: str, n: int, *, split: str = "train", resolution: int = 64, seed: int = 0):
+        _check_split(split)
+        self.task = _task_def(task)
+        self.n, self.split, self.resolution, self.seed = int(n), split, int(resolution), int(seed)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def scene(self, j: int) -> Scene:
+        if not 0 <= j < self.n:
+            raise IndexError(j)
+        rng = scene_rng(self.seed, f"task/{self.task.name}/{self.split}", j)
+        return sample_scene(rng, **self.task.constraints(j % len(self.task.classnames), 0))
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        idx = [int(i) for i in indices]
+        return {"images": render([self.scene(j) for j in idx], self.resolution),
+                "labels": torch.as_tensor([j % len(self.task.classnames) for j in idx], dtype=torch.long),
+                "index": torch.as_tensor(idx, dtype=torch.long)}
+
+    def __getitem__(self, j: int) -> dict:
+        batch = self.__getitems__([j])
+        return {k: v[0] for k, v in batch.items()}

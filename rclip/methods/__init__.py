@@ -1,0 +1,1 @@
+"""The papers' methods and their baselines: ``cola`` (COLA), ``ttc`` (test-time counterattacks)."""

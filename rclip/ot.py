@@ -1,0 +1,215 @@
+"""Batched entropic optimal transport on torch: log-domain Sinkhorn, the one OT kernel of ``rclip``.
+
+One problem is a cost C (N, M) between N source points with weights a (N,) and M target points with weights b (M,),
+each summing to 1. Leading batch dims solve many problems at once, e.g. COLA's B images × K classes: cost
+(B, K, N, M) between N image views and M class descriptions, a (B, K, N) or (B, 1, N), b (K, M) or (B, K, M).
+
+The entropic plan P = argmin_{P 1 = a, Pᵀ 1 = b} <P, C> + reg · KL(P ‖ a bᵀ) is P_ij = exp(α_i + β_j - C_ij/reg)
+with dimensionless log-scalings α, β (the dual potentials are reg · α, reg · β). :func:`sinkhorn` returns
+
+* ``cost`` = <P, C>: the linear cost of the entropic plan, in the cost's units — COLA's "OT distance" and what
+  POT's ``sinkhorn2`` returns;
+* ``entropic`` = <P, C> + reg · KL(P ‖ a bᵀ): the regularised objective (at convergence the dual value
+  <f, a> + <g, b> with f, g normalised so that P_ij = a_i b_j exp((f_i + g_j - C_ij) / reg)).
+
+Gradients: d entropic / dC = P (envelope theorem), but d cost / dC = P + <C, dP/dC> ≠ P, because the plan moves
+with the cost. ``grad="implicit"`` (default) gives both exactly at the returned plan: backward differentiates the
+marginal constraints of P (one small linear solve per problem on its smaller side), with memory that does not grow
+with the iterations. ``grad="unrolled"`` backpropagates through every iteration instead: the exact gradient of what
+was computed, converged or not, at the price of one (..., N, M) tensor kept per iteration.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from rclip.errors import RClipError
+
+
+@dataclass
+class SinkhornResult:
+    """What :func:`sinkhorn` returns; (...) is the batch shape (cost's and weights' leading dims, broadcast).
+
+    cost: (...) <P, C>, in the cost's units. entropic: (...) <P, C> + reg · KL(P ‖ a bᵀ).
+    plan: (..., N, M) the plan P, only with ``return_plan=True`` (else None). Its columns sum to b (to rounding),
+        its rows to a up to ``error``.
+    error: (...) L1 violation of the row marginal of the returned plan, Σ_i |(P 1)_i - a_i|.
+    n_iter: iterations run (each updates both potentials), the same for the whole batch.
+    """
+    cost: torch.Tensor
+    entropic: torch.Tensor
+    plan: torch.Tensor | None
+    error: torch.Tensor
+    n_iter: int
+
+
+def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, reg: float,
+             max_iter: int = 1000, tol: float | None = None, return_plan: bool = False,
+             grad: str = "implicit") -> SinkhornResult:
+    """Entropic OT for a batch of problems by log-domain Sinkhorn.
+
+    Args:
+        cost: (..., N, M) finite costs (e.g. 1 - cosine, in [0, 2]); float64 is solved in float64, any other dtype
+            in float32 (results are in that dtype).
+        a: (..., N) and b: (..., M) non-negative weights summing to 1 per problem (within 1e-4, 1e-2 for 16-bit
+            inputs; then renormalised exactly); None = uniform. Zero entries are allowed (zero rows / columns
+            of the plan). Leading dims broadcast against the cost's.
+        reg: entropic regularisation ε > 0, in the cost's units (COLA / AWT: 0.1 on 1 - cosine). Smaller is closer
+            to exact OT and needs more iterations.
+        max_iter: at most this many iterations. tol: stop when every problem's ``error`` is ≤ tol
+            (default 1e-9 in float64, 1e-6 in float32); tol=0 runs ``max_iter`` iterations.
+        return_plan: also return the plan (..., N, M).
+        grad: ``"implicit"`` or ``"unrolled"`` (see the module docstring); gradients flow to cost, a and b.
+    """
+    cost, a, b, reg = _prepare(cost, a, b, reg, max_iter, tol, grad)
+    tol = (1e-9 if cost.dtype == torch.float64 else 1e-6) if tol is None else float(tol)
+    if grad == "implicit":
+        with torch.no_grad():
+            alpha, beta, n_iter, error = _iterate(cost.detach() / -reg, a.detach(), b.detach(), max_iter, tol)
+        plan = _ImplicitPlan.apply(cost, a, b, alpha, beta, reg)
+    else:
+        alpha, beta, n_iter, error = _iterate(cost / -reg, a, b, max_iter, tol)
+        plan = torch.exp(alpha[..., :, None] + beta[..., None, :] - cost / reg)
+    linear = (plan * cost).sum((-2, -1))
+    with torch.no_grad():  # log(P / a bᵀ), held fixed: the P-derivative of its own term is zero on the constraints
+        log_ratio = (alpha - _log(a))[..., :, None] + (beta - _log(b))[..., None, :] - cost / reg
+        log_ratio = torch.where(plan > 0, log_ratio, 0.0)  # 0 · log 0 = 0 on zero-weight rows and columns
+    entropic = linear + reg * (plan * log_ratio).sum((-2, -1))
+    return SinkhornResult(linear, entropic, plan if return_plan else None, error, n_iter)
+
+
+def _iterate(log_k, a, b, max_iter, tol):
+    """Sinkhorn on log_k = -C / reg (..., N, M). Returns α (..., N), β (..., M), iterations, row error (...).
+
+    Each iteration sets β (columns exact), measures the rows of the plan (α, β) from the log-sum-exp that the
+    α-update needs anyway, and stops there, so the returned plan is the one whose error is reported.
+    """
+    log_a, log_b = _log(a), _log(b)
+    alpha = torch.zeros_like(a).masked_fill(a == 0, -math.inf)  # zero-weight rows are empty from the start
+    for n_iter in range(1, max_iter + 1):
+        beta = log_b - torch.logsumexp(log_k + alpha[..., :, None], dim=-2)
+        lse = torch.logsumexp(log_k + beta[..., None, :], dim=-1)
+        with torch.no_grad():
+            error = ((alpha + lse).exp() - a).abs().sum(-1)
+        if n_iter == max_iter or error.numel() == 0 or error.max() <= tol:
+            break
+        alpha = log_a - lse
+    return alpha, beta, n_iter, error.detach()
+
+
+class _ImplicitPlan(torch.autograd.Function):
+    """P = exp(α ⊕ β - C / reg) from converged log-scalings; backward by implicit differentiation.
+
+    Perturbing (C, a, b) moves the potentials so that P keeps its marginals: with dP = P ∘ (dα ⊕ dβ - dC / reg),
+    Σ_j dP_ij = da_i and Σ_i dP_ij = db_j. For an upstream gradient G on P, the adjoint (u, v) solves
+    [[diag(P1), P], [Pᵀ, diag(Pᵀ1)]] [u; v] = [(P∘G) 1; (P∘G)ᵀ 1], and then
+    dL/dC = P ∘ (u ⊕ v - G) / reg, dL/da = u, dL/db = v.
+    """
+
+    @staticmethod
+    def forward(ctx, cost, a, b, alpha, beta, reg):
+        plan = torch.exp(alpha[..., :, None] + beta[..., None, :] - cost / reg)
+        ctx.save_for_backward(plan)
+        ctx.reg = reg
+        return plan
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_plan):
+        plan, = ctx.saved_tensors
+        u, v = _adjoint(plan.double(), grad_plan.double())
+        grad_cost = plan * (u[..., :, None] + v[..., None, :] - grad_plan.double()).to(plan.dtype) / ctx.reg
+        return grad_cost, u.to(plan.dtype), v.to(plan.dtype), None, None, None
+
+
+def _adjoint(plan, g):
+    """Solve the adjoint system of :class:`_ImplicitPlan` by eliminating the larger side (Schur complement).
+
+    With N ≤ M: v = (c - Pᵀu) / col, and S u = r - P (c / col) with S = diag(row) - P diag(1/col) Pᵀ, which is
+    singular along 1 (the potentials' shared constant) and on empty rows; adding 1 1ᵀ on the live rows and 1 on
+    the diagonal of empty ones picks the solution orthogonal to both.
+    """
+    if plan.shape[-2] > plan.shape[-1]:
+        v, u = _adjoint(plan.mT, g.mT)
+        return u, v
+    pg = plan * g
+    r, c = pg.sum(-1), pg.sum(-2)
+    row, col = plan.sum(-1), plan.sum(-2)
+    inv_col = torch.where(col > 0, 1 / col, 0.0)
+    scaled = plan * inv_col[..., None, :]
+    live = (row > 0).to(plan.dtype)
+    schur = (torch.diag_embed(row + 1 - live) - scaled @ plan.mT + live[..., :, None] * live[..., None, :])
+    rhs = r - (scaled * c[..., None, :]).sum(-1)
+    u, info = torch.linalg.solve_ex(schur, rhs[..., None])
+    if (info != 0).any():
+        raise RClipError("the implicit Sinkhorn gradient is undefined: the plan's support is disconnected (reg is "
+                         "too small for the cost's scale); use a larger reg or sinkhorn(..., grad='unrolled')")
+    u = u[..., 0]
+    v = (c - (plan * u[..., :, None]).sum(-2)) * inv_col
+    return u, v
+
+
+def _log(w):
+    """log w with log 0 = -inf and a zero (not NaN) gradient there."""
+    positive = w > 0
+    return torch.where(positive, torch.where(positive, w, 1.0).log(), -math.inf)
+
+
+def _prepare(cost, a, b, reg, max_iter, tol, grad):
+    """Validate; cast to the compute dtype, renormalise the weights, broadcast all to the batch shape; reg as float."""
+    cost = torch.as_tensor(cost)
+    if cost.ndim < 2 or cost.shape[-2] == 0 or cost.shape[-1] == 0:
+        raise RClipError(f"cost must have shape (..., N, M) with N, M >= 1; got {tuple(cost.shape)}")
+    cost = cost.to(torch.float64 if cost.dtype == torch.float64 else torch.float32)
+    if not torch.isfinite(cost).all():
+        bad = int((~torch.isfinite(cost)).sum())
+        raise RClipError(f"cost contains NaN or inf ({bad} of {cost.numel()} entries); fix what produced it "
+                         "(e.g. a zero vector normalised to unit length gives NaN cosines)")
+    try:
+        value = float(reg)                     # Python, numpy or one-element torch numbers
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise RClipError(f"reg (the entropic regularisation, in the cost's units) must be a finite number > 0; "
+                         f"got {reg!r}. For costs in [0, 2] such as 1 - cosine, 0.01-0.1 is typical")
+    if not isinstance(max_iter, int) or max_iter < 1:
+        raise RClipError(f"max_iter must be an integer >= 1; got {max_iter!r}")
+    if tol is not None and not tol >= 0:
+        raise RClipError(f"tol must be >= 0 (or None for the dtype's default); got {tol!r}")
+    if grad not in ("implicit", "unrolled"):
+        raise RClipError(f"grad must be 'implicit' or 'unrolled'; got {grad!r}")
+    n, m = cost.shape[-2:]
+    a = _weights(a, "a", n, cost)
+    b = _weights(b, "b", m, cost)
+    try:
+        batch = torch.broadcast_shapes(cost.shape[:-2], a.shape[:-1], b.shape[:-1])
+    except RuntimeError:
+        raise RClipError(f"the batch dims of cost {tuple(cost.shape)} (..., N, M), a {tuple(a.shape)} (..., N) and "
+                         f"b {tuple(b.shape)} (..., M) do not broadcast; insert singleton dims, e.g. a[:, None] "
+                         "for weights shared by the classes") from None
+    return cost.expand(*batch, n, m), a.expand(*batch, n), b.expand(*batch, m), value
+
+
+def _weights(w, name, size, cost):
+    if w is None:
+        return cost.new_full((size,), 1.0 / size)
+    w = torch.as_tensor(w, device=cost.device)
+    side = "N (rows)" if name == "a" else "M (columns)"
+    if w.ndim == 0 or w.shape[-1] != size:
+        raise RClipError(f"{name} must have shape (..., {size}): one weight per cost {side}, cost is "
+                         f"{tuple(cost.shape)}; got {tuple(w.shape)}")
+    sum_tol = 1e-2 if w.is_floating_point() and torch.finfo(w.dtype).bits <= 16 else 1e-4
+    w = w.to(cost.dtype)
+    if not torch.isfinite(w).all():
+        raise RClipError(f"{name} contains NaN or inf; weights must be finite")
+    if (w < 0).any():
+        raise RClipError(f"{name} has negative entries (min {float(w.min()):.3g}); weights must be >= 0")
+    sums = w.sum(-1, keepdim=True)
+    if ((sums - 1).abs() > sum_tol).any():
+        raise RClipError(f"{name} must sum to 1 per problem (over its last axis); its sums range over "
+                         f"[{float(sums.min()):.6g}, {float(sums.max()):.6g}]. Normalise it: "
+                         f"{name} / {name}.sum(-1, keepdim=True)")
+    return w / sums

@@ -1,0 +1,146 @@
+"""COLA and TTC against brute force: POT per problem, hand-written loops, and the plain zero-shot classifier."""
+import numpy as np
+import ot as pot
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rclip import world, zeroshot
+from rclip.errors import RClipError
+from rclip.methods.cola import (COLA, COLAConfig, cola_classifier, cosine_distortion, entropy_weights, ot_margin,
+                                random_views, text_projection)
+from rclip.methods.ttc import TTC, TTCConfig
+
+
+@pytest.fixture(scope="module")
+def task():
+    return world.zeroshot_task("colour", n=8, resolution=32)
+
+
+def test_projection_keeps_the_text_span_and_removes_the_rest():
+    g = torch.Generator().manual_seed(0)
+    texts = F.normalize(torch.randn(6, 4, 16, generator=g), dim=-1)   # K=6, M=4, D=16
+    basis = text_projection(texts, 5)
+    assert basis.shape == (16, 5)
+    assert torch.allclose(basis.T @ basis, torch.eye(5), atol=1e-5)
+    full = text_projection(texts, None)                                # rank min(D, KM) = 16: the identity
+    x = torch.randn(3, 16, generator=g)
+    assert torch.allclose(x @ full @ full.T, x, atol=1e-4)
+    # a direction orthogonal to every text feature is removed entirely
+    low = F.normalize(torch.randn(10, 2, generator=g), dim=-1) @ torch.randn(2, 16, generator=g)
+    b = text_projection(low.reshape(5, 2, 16), 2)
+    q, _ = torch.linalg.qr(torch.cat([b, torch.randn(16, 1, generator=g)], 1))
+    ortho = q[:, 2]
+    assert (ortho @ b @ b.T).abs().max() < 1e-5
+    with pytest.raises(RClipError, match="n_components"):
+        text_projection(texts, 17)
+
+
+def test_entropy_weights_favour_confident_points():
+    logits = torch.tensor([[10.0, 0.0, 0.0], [1.0, 1.0, 1.0], [3.0, 0.0, 0.0]])
+    w = entropy_weights(logits, 0.5)
+    assert torch.isclose(w.sum(), torch.tensor(1.0))
+    assert w[0] > w[2] > w[1]
+    assert torch.allclose(entropy_weights(logits, None), torch.full((3,), 1 / 3))
+
+
+def test_views_start_with_the_image_and_are_seeded(task):
+    x, _ = task.tensors()
+    v = random_views(x, 4, generator=torch.Generator().manual_seed(1))
+    assert v.shape == (len(x), 4, *x.shape[1:])
+    assert torch.equal(v[:, 0], x) and not torch.equal(v[:, 1], x)
+    assert torch.equal(v, random_views(x, 4, generator=torch.Generator().manual_seed(1)))
+    same = random_views(x, 3, crop_scale=(1.0, 1.0), flip=False, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(same, x[:, None].expand_as(same), atol=1e-6)
+
+
+def _brute_force(cola, images, use_ot):
+    """Per image and class, from the view features: a by entropy, b from the buffers, cost by loops, POT's Sinkhorn."""
+    with torch.no_grad():
+        f = cola.view_features(images).double()
+    out = np.zeros((len(images), cola.num_classes))
+    for i in range(len(images)):
+        logits = cola.scale * f[i] @ cola.prototypes.double().T
+        p = logits.softmax(-1)
+        h = -(p * p.log()).sum(-1)
+        a = (-h / cola.config.entropy_temp).softmax(0).numpy()
+        for k in range(cola.num_classes):
+            b = cola.text_weights[k].double().numpy()
+            cost = np.array([[1 - float(f[i, n] @ cola.texts[k, m].double()) for m in range(cola.texts.shape[1])]
+                             for n in range(f.shape[1])])
+            if use_ot:
+                # plain (non-log) Sinkhorn: float64 is safe at reg 0.1 on costs in [0, 2], and it is fast
+                out[i, k] = pot.sinkhorn2(a, b, cost, cola.config.reg, method="sinkhorn", numItermax=5000,
+                                          stopThr=1e-10)
+            else:
+                out[i, k] = a @ cost @ b
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("use_ot", [True, False])
+def test_cola_distances_equal_brute_force(tiny, task, use_ot):
+    x = task.tensors()[0][:4]
+    cfg = COLAConfig(n_views=3, n_texts=5, n_components=20, use_ot=use_ot, max_iter=2000, tol=1e-7)
+    cola = cola_classifier(tiny, task, cfg)
+    assert cola.texts.shape[:2] == (8, 5)
+    with torch.no_grad():
+        ours = cola.distances(x).double()
+    assert torch.allclose(ours, _brute_force(cola, x, use_ot), rtol=1e-4, atol=1e-5)
+
+
+def test_single_view_single_text_cola_is_the_zero_shot_classifier(tiny, task):
+    x, y = task.tensors()
+    prompts = zeroshot.class_embeddings(tiny, zeroshot.class_prompts(task, "templates"))
+    cfg = COLAConfig(n_views=1, project=False, entropy_temp=None)
+    cola = COLA(tiny, prompts[:, None], cfg)
+    clf = zeroshot.ZeroShotClassifier(tiny, prompts)
+    with torch.no_grad():
+        assert torch.equal(cola(x).argmax(1), clf(x).argmax(1))
+        assert torch.allclose(cola(x), clf(x) - cola.scale, atol=1e-3)  # -scale * (1 - cos)
+
+
+def test_cola_is_differentiable_and_validates(tiny, task):
+    x, y = task.tensors()
+    cola = cola_classifier(tiny, task, COLAConfig(n_views=2, n_texts=3))
+    xr = x.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(cola(xr), y).backward()
+    assert xr.grad is not None and xr.grad.abs().sum() > 0
+    with pytest.raises(RClipError, match="empty"):
+        COLA(tiny, [], COLAConfig())
+    bad = torch.full((2, 3, tiny.meta["embed_dim"]), float("nan"))
+    with pytest.raises(RClipError, match="NaN"):
+        COLA(tiny, bad, COLAConfig())
+    with pytest.raises(RClipError, match="n_texts"):
+        COLA(tiny, torch.randn(2, 3, tiny.meta["embed_dim"]), COLAConfig(n_texts=4))
+
+
+def test_distortion_and_margin_helpers():
+    g = torch.Generator().manual_seed(0)
+    clean, texts = torch.randn(4, 8, generator=g), torch.randn(5, 8, generator=g)
+    assert cosine_distortion(clean, clean, texts) == 0
+    adv = clean + 0.3 * torch.randn(4, 8, generator=g)
+    full = torch.eye(8)
+    assert torch.isclose(cosine_distortion(clean, adv, texts, full), cosine_distortion(clean, adv, texts))
+    d = torch.tensor([[0.1, 0.5, 0.3], [0.4, 0.2, 0.6]])
+    assert torch.allclose(ot_margin(d, torch.tensor([0, 0])), torch.tensor([0.2, -0.2]))
+
+
+def test_ttc_counterattacks_only_suspicious_inputs(tiny, task):
+    x, _ = task.tensors()
+    clf = zeroshot.zeroshot_classifier(tiny, task)
+    never = TTC(clf, TTCConfig(tau_threshold=0.0))       # nothing judged adversarial: x + delta0 only
+    out, tau = never.counterattack(x)
+    g = torch.Generator().manual_seed(0)
+    delta0 = (torch.rand(x.shape, generator=g) * 2 - 1) * (4 / 255)
+    assert torch.allclose(out, (x + delta0).clamp(0, 1), atol=1e-6)
+    assert (tau > 0).all()
+    always = TTC(clf, TTCConfig(tau_threshold=float("inf")))
+    countered, _ = always.counterattack(x)
+    assert (countered - x).abs().max() <= 4 / 255 + 1e-6
+    assert not torch.allclose(countered, out)
+    # the counterattack moves the embedding further from the original than the random start does
+    with torch.no_grad():
+        f0 = always._embed(x)
+        assert (always._embed(countered) - f0).norm(dim=-1).mean() > (always._embed(out) - f0).norm(dim=-1).mean()
+    with torch.no_grad():
+        assert always(x).shape == (len(x), clf.num_classes)
