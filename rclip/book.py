@@ -225,6 +225,10 @@ def validate_inputs(inputs: dict) -> None:
     if given == 0:
         problems.append("no dataset path is set: fill in inputs.datasets in profiles/paper.yml (roots in "
                         "torchvision's layout, an ImageNet-style folder, or Karpathy JSON + image folder)")
+    for section in ("descriptions", "robust_checkpoints"):
+        for name, path in (inputs.get(section) or {}).items():
+            if path is not None and not Path(path).is_file():
+                problems.append(f"{section} {name}: file {path} does not exist")
     if problems:
         raise RClipError("the paper profile's inputs are not usable:\n  - " + "\n  - ".join(problems))
 

@@ -37,7 +37,8 @@ class SinkhornResult:
     plan: (..., N, M) the plan P, only with ``return_plan=True`` (else None). Its columns sum to b (to rounding),
         its rows to a up to ``error``.
     error: (...) L1 violation of the row marginal of the returned plan, Σ_i |(P 1)_i - a_i|.
-    n_iter: iterations run (each updates both potentials), the same for the whole batch.
+    n_iter: iterations run (each updates both potentials): the most any chunk of the batch ran (see
+        :data:`CPU_CHUNK_ENTRIES`; on CUDA the whole batch is one chunk).
     """
     cost: torch.Tensor
     entropic: torch.Tensor
@@ -68,10 +69,11 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
     tol = (1e-9 if cost.dtype == torch.float64 else 1e-6) if tol is None else float(tol)
     if grad == "implicit":
         with torch.no_grad():
-            alpha, beta, n_iter, error = _iterate(cost.detach() / -reg, a.detach(), b.detach(), max_iter, tol)
+            alpha, beta, n_iter, error = _iterate_in_chunks(cost.detach() / -reg, a.detach(), b.detach(), max_iter,
+                                                            tol)
         plan = _ImplicitPlan.apply(cost, a, b, alpha, beta, reg)
     else:
-        alpha, beta, n_iter, error = _iterate(cost / -reg, a, b, max_iter, tol)
+        alpha, beta, n_iter, error = _iterate_in_chunks(cost / -reg, a, b, max_iter, tol)
         plan = torch.exp(alpha[..., :, None] + beta[..., None, :] - cost / reg)
     linear = (plan * cost).sum((-2, -1))
     with torch.no_grad():  # log(P / a bᵀ), held fixed: the P-derivative of its own term is zero on the constraints
@@ -79,6 +81,27 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
         log_ratio = torch.where(plan > 0, log_ratio, 0.0)  # 0 · log 0 = 0 on zero-weight rows and columns
     entropic = linear + reg * (plan * log_ratio).sum((-2, -1))
     return SinkhornResult(linear, entropic, plan if return_plan else None, error, n_iter)
+
+
+#: On the CPU the batch is solved in chunks of about this many cost entries, each chunk to its own stopping point:
+#: small temporaries stay in cache and are reused instead of being mapped afresh every iteration (4-5x faster at
+#: COLA's sizes on 2 cores). On CUDA the whole batch is one chunk.
+CPU_CHUNK_ENTRIES = 1 << 18
+
+
+def _iterate_in_chunks(log_k, a, b, max_iter, tol):
+    """:func:`_iterate` over chunks of the (flattened) batch on the CPU; the whole batch at once elsewhere."""
+    n, m = log_k.shape[-2:]
+    batch = log_k.shape[:-2]
+    total, per = math.prod(batch), max(1, CPU_CHUNK_ENTRIES // (n * m))
+    if log_k.device.type != "cpu" or total <= per:
+        return _iterate(log_k, a, b, max_iter, tol)
+    flat_k, flat_a, flat_b = log_k.reshape(total, n, m), a.reshape(total, n), b.reshape(total, m)
+    parts = [_iterate(flat_k[i:i + per], flat_a[i:i + per], flat_b[i:i + per], max_iter, tol)
+             for i in range(0, total, per)]
+    alpha, beta, error = (torch.cat([p[j] for p in parts]) for j in (0, 1, 3))
+    return (alpha.reshape(*batch, n), beta.reshape(*batch, m), max(p[2] for p in parts),
+            error.reshape(batch))
 
 
 def _iterate(log_k, a, b, max_iter, tol):

@@ -54,5 +54,7 @@ def notebook_parameters(profile: str, notebook: str) -> dict:
     """Papermill parameters of ``notebook`` under ``profile`` (profile-wide device and seed included)."""
     prof = load_profile(profile)
     params = {"profile": profile, "device": prof.get("device", "auto"), "seed": prof.get("seed", 0)}
+    if "inputs" in prof:  # paper scale: every notebook gets the profile's inputs (model, datasets, ...)
+        params["inputs"] = prof["inputs"]
     params.update(prof["notebooks"].get(notebook) or {})
     return params

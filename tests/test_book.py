@@ -36,7 +36,7 @@ def test_smoke_book_executes_every_notebook_and_builds_html(smoke_site):
     assert "The world and its CLIP" in text and "reference budget" in text
     assert "<img" in text and "<table" in text
     cola = (smoke_site / "_build" / "html" / "book" / "01_cola.html").read_text()
-    assert "projection and optimal transport" in cola and "What reproduces at world scale" in cola
+    assert "projection and optimal transport" in cola and "What reproduces at this scale" in cola
 
 
 @pytest.mark.slow

@@ -11,22 +11,8 @@ from rclip.data.classification import pil_to_tensor
 from rclip.errors import RClipError
 
 
-def _cifar10(root, n=6):
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-    labels = [i % 10 for i in range(n)]
-    with open(base / "test_batch", "wb") as f:
-        pickle.dump({b"data": data, b"labels": labels}, f)
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                      "ship", "truck"]}, f)
-    return data, labels
-
-
-def test_cifar10_reads_torchvision_layout(tmp_path):
-    data, labels = _cifar10(tmp_path)
+def test_cifar10_reads_torchvision_layout(tmp_path, make_cifar10):
+    data, labels = make_cifar10(tmp_path)
     task = zeroshot_dataset("cifar10", tmp_path, pil_to_tensor)
     assert task.classnames[3] == "cat" and len(task) == 6 and task.scale == "paper"
     x, y = task.tensors()

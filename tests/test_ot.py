@@ -233,3 +233,28 @@ def test_cuda_matches_cpu(dtype):
     assert torch.allclose(gpu.plan.cpu(), cpu.plan, rtol=0, atol=tol)
     grad, = torch.autograd.grad(gpu.cost.sum(), c)
     assert grad.device.type == "cuda" and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("grad", ["implicit", "unrolled"])
+def test_cpu_chunks_give_the_whole_batch_solution(monkeypatch, grad):
+    """On the CPU a large batch is solved in chunks (rclip.ot.CPU_CHUNK_ENTRIES); chunks of 3 problems must give
+    what one piece gives, POT's values, and the same gradients."""
+    import rclip.ot as rot
+
+    rng = np.random.default_rng(5)
+    cost, a, b = _problems(rng, (4, 5), 6, 9, uniform=False)
+    def solve():
+        c = _t(cost).requires_grad_(True)
+        res = sinkhorn(c, _t(a), _t(b), reg=0.05, max_iter=100_000, tol=1e-12, grad=grad)
+        res.cost.sum().backward()
+        return res, c.grad
+    whole, g_whole = solve()
+    monkeypatch.setattr(rot, "CPU_CHUNK_ENTRIES", 3 * 6 * 9)
+    calls, kernel = [], rot._iterate
+    monkeypatch.setattr(rot, "_iterate", lambda *args: calls.append(args[0].shape) or kernel(*args))
+    chunked, g_chunked = solve()
+    assert [s[0] for s in calls] == [3] * 6 + [2]                   # 20 problems in chunks of 3
+    assert chunked.cost.shape == (4, 5) and chunked.error.shape == (4, 5)
+    torch.testing.assert_close(chunked.cost, whole.cost, rtol=1e-10, atol=0)
+    torch.testing.assert_close(g_chunked, g_whole, rtol=1e-7, atol=1e-10)
+    assert abs(chunked.cost[3, 4].item() - _pot(cost, a, b, 0.05, 3, 4)[0]) <= 1e-8 * chunked.cost[3, 4].item()

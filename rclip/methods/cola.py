@@ -146,8 +146,12 @@ class COLA(nn.Module):
 
     def distances(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """OT cost between each image's views and each class's texts, (B, K); lower is more likely."""
+        return self.feature_distances(self.view_features(images, generator))
+
+    def feature_distances(self, f: torch.Tensor) -> torch.Tensor:
+        """OT costs (B, K) from the views' unit features f (B, N, D) (projected or not, as ``view_features``)."""
         cfg = self.config
-        f = self.view_features(images, generator).float()                     # (B, N, D)
+        f = f.float()
         a = entropy_weights(self.scale * f @ self.prototypes.T, cfg.entropy_temp)  # (B, N)
         cost = 1 - torch.einsum("bnd,kmd->bknm", f, self.texts)                # (B, K, N, M)
         a = a[:, None, :].expand(-1, self.num_classes, -1)                     # (B, K, N)
@@ -164,12 +168,18 @@ class COLA(nn.Module):
 
 def cola_classifier(bundle, task, config: COLAConfig | None = None, scale: float | None = None) -> COLA:
     """COLA for a zero-shot task: per class, its template prompts (averaged into one hand-crafted prompt feature)
-    followed by its descriptions, as in the paper's M = 1 prompt + (M - 1) descriptions."""
+    followed by its descriptions, as in the paper's M = 1 prompt + (M - 1) descriptions.
+
+    A task without descriptions (a real dataset given no CuPL/AWT JSON) falls back to templates only: the
+    averaged prompt followed by each filled template, M = 1 + the number of templates.
+    """
     from rclip.zeroshot import class_embeddings, class_prompts, prompt_embeddings
 
-    prompt = class_embeddings(bundle, class_prompts(task, "templates"))          # (K, D)
-    descriptions = prompt_embeddings(bundle, class_prompts(task, "descriptions"))
-    texts = [torch.cat([p[None], d]) for p, d in zip(prompt, descriptions)]
+    filled = class_prompts(task, "templates")
+    prompt = class_embeddings(bundle, filled)                                    # (K, D)
+    has_descriptions = bool(task.descriptions) and all(task.descriptions)
+    rest = prompt_embeddings(bundle, class_prompts(task, "descriptions") if has_descriptions else filled)
+    texts = [torch.cat([p[None], d]) for p, d in zip(prompt, rest)]
     return COLA(bundle, texts, config, scale)
 
 
