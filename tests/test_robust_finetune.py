@@ -1,4 +1,4 @@
-"""TeCoA and FARE: the losses from first principles, what they train, and resume."""
+"""TeCoA, FARE and PMG-AFT: the losses from first principles, what they train, and resume."""
 import copy
 
 import pytest
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from rclip import world, zeroshot
 from rclip.errors import RClipError
-from rclip.methods.robust_finetune import AdvFinetuneConfig, adversarial_finetune, fare_step, tecoa_step
+from rclip.methods.robust_finetune import AdvFinetuneConfig, adversarial_finetune, fare_step, pmg_step, tecoa_step
 from rclip.train import TrainConfig
 
 
@@ -42,13 +42,48 @@ def test_losses_at_zero_budget_are_the_clean_objectives(tiny, data):
         # the frozen reference and the trained encoder see the same clean image: the squared distance is 0 up
         # to float round-off (the two forward passes may batch differently)
         assert fare_step(tiny, AdvFinetuneConfig("fare", eps=0.0, attack_steps=0))(tiny.model.visual, batch) < 1e-9
+        # PMG-AFT at zero budget, before any update: both KL terms vanish and it is TeCoA's cross-entropy
+        pmg0 = pmg_step(tiny, weights, AdvFinetuneConfig("pmg", eps=0.0, attack_steps=0))(tiny.model.visual, batch)
+        assert torch.isclose(pmg0, ce, rtol=1e-5)
     # with a budget, the inner attack makes both losses larger than their clean values
     adv = AdvFinetuneConfig("tecoa", eps=8 / 255, attack_steps=3)
     assert tecoa_step(tiny, weights, adv)(tiny.model.visual, batch) > ce
     assert fare_step(tiny, AdvFinetuneConfig("fare", eps=8 / 255, attack_steps=3))(tiny.model.visual, batch) > 0
 
 
-@pytest.mark.parametrize("method", ["tecoa", "fare"])
+def test_pmg_kl_terms_from_first_principles(tiny, data):
+    """With an encoder that differs from the frozen original, PMG-AFT = CE + α KL(orig ‖ θ) + β KL(clean ‖ adv),
+    each KL computed here by hand from the class distributions."""
+    ds, weights = data
+    batch = ds.__getitems__(list(range(8)))
+    x, y = batch["images"], batch["labels"]
+    cfg = AdvFinetuneConfig("pmg", eps=4 / 255, attack_steps=2, pmg_alpha=0.7, pmg_beta=0.3)
+    step = pmg_step(tiny, weights, cfg)                   # freezes the original as it is now
+    moved = copy.deepcopy(tiny.model.visual)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    clf = zeroshot.ZeroShotClassifier(tiny, weights)
+
+    def probs(visual, images):
+        f = F.normalize(visual(tiny.normalize(images)), dim=-1)
+        return (clf.scale * f @ F.normalize(weights, dim=-1).T).softmax(-1)
+
+    from rclip.attacks.image import ascend
+    from rclip.methods.robust_finetune import _generator
+    # the adversary attacks the bundle's own encoder (here still the original), as the training loop does
+    x_adv = ascend(lambda a: F.cross_entropy(clf(a), y, reduction="sum"), x, cfg.eps, steps=2, alpha=cfg.eps / 4,
+                   generator=_generator(0, batch))
+    with torch.no_grad():
+        p_adv, p_orig, p_clean = probs(moved, x_adv), probs(tiny.model.visual, x_adv), probs(moved, x)
+        kl = lambda p, q: (p * (p.log() - q.log())).sum(-1).mean()  # noqa: E731
+        expected = F.nll_loss(p_adv.log(), y) + 0.7 * kl(p_orig, p_adv) + 0.3 * kl(p_clean, p_adv)
+    got = step(moved, batch)  # (its inner attack needs gradients)
+    assert kl(p_orig, p_adv) > 1e-4 and kl(p_clean, p_adv) > 1e-4       # both terms are active
+    assert torch.isclose(got, expected, rtol=1e-4), (got, expected)
+
+
+@pytest.mark.parametrize("method", ["tecoa", "fare", "pmg"])
 def test_finetuning_trains_only_the_image_encoder_and_resumes_exactly(tiny, data, tmp_path, method):
     ds, weights = data
     start = copy.deepcopy(tiny)
