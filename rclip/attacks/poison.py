@@ -1,0 +1,404 @@
+"""Poisoning threats on the world's pre-training pairs: targeted poisoning and backdoors, with exact ground truth.
+
+Both attacks wrap a clean :class:`~rclip.world.WorldPairs` (pairs generated on demand) in a
+:class:`PoisonedPairs` dataset that is just as lazy: pair ``i`` is a pure function of ``(base, config, i)``, so the
+same seed gives the same poisoned corpus, and ``poisoned`` (N,) says which pairs the attacker touched.
+
+* **Targeted poisoning** (Carlini & Terzis 2021): ``n_targets`` target images, taken from the *test* split of a
+  world zero-shot task (image ``j`` of ``zeroshot_task(task, split="test")``), are each paired with many captions
+  stating an adversarial class; the poison pairs are *appended* after the clean ones (the attacker adds data).
+  ASR = fraction of target images that zero-shot classify top-1 as their adversarial class.
+* **Backdoor** (BadNets patch or blended noise): a random ``poison_rate`` fraction of the clean pairs get a trigger
+  on their image and their caption *replaced* by a caption stating the target class (the corpus keeps its size).
+  ASR = fraction of triggered test images of other classes classified as the target class
+  (:func:`backdoor_test_images` builds them).
+
+A caption of the adversarial/target class is a true caption of a fresh scene of that class that states the class
+(:func:`class_captions`), so its wording is as varied as the clean captions'. Ground truth for defenses:
+``describes(i, j)`` (does caption ``j`` truly describe image ``i``'s scene; a trigger does not change the scene) and
+``keeps_poison(i, j)`` (would pairing poisoned image ``i`` with caption ``j`` still teach the attack).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from rclip.errors import RClipError
+from rclip.world.language import Caption, CaptionSpec, caption_scene
+from rclip.world.render import render
+from rclip.world.scenes import Scene, sample_scene, scene_rng
+from rclip.world.tasks import TASKS, TaskDef, WorldLabelled, WorldPairs
+
+# ----------------------------------------------------------------------------------------------------------------
+# Captions of a class
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def spec_label(task: str, spec: CaptionSpec) -> int | None:
+    """The class of world task ``task`` that a caption states, or ``None`` if it does not state one.
+
+    A caption states a colour_shape class only if it names both; it states a count only if its number is exact.
+    """
+    t = _task(task)
+    if t.name == "colour_shape":
+        return None if spec.colour is None or spec.shape is None else spec.colour * len(TASKS["shape"].classnames) \
+            + spec.shape
+    if t.name == "count":
+        return next(iter(spec.count)) - 1 if len(spec.count) == 1 else None
+    return getattr(spec, t.name)
+
+
+def class_caption(task: str, label: int, rng: np.random.Generator, max_tries: int = 100) -> Caption:
+    """One caption stating class ``label`` of ``task``: a true caption of a fresh scene of that class, mentioning
+    the class attribute(s) and, at random, others (size, colour, shape, texture, position)."""
+    t = _task(task)
+    if not 0 <= label < len(t.classnames):
+        raise RClipError(f"label {label} is not a class of world task {task!r} (0..{len(t.classnames) - 1})")
+    for _ in range(max_tries):
+        scene = sample_scene(rng, **t.constraints(label, distractors=0))
+        extra = [a for a in ("size", "colour", "shape", "texture", "position") if rng.random() < 0.5]
+        mentions = tuple(m for m in dict.fromkeys([*t.mentions, *extra]) if m != "count")
+        caption = caption_scene(scene, rng, mentions)
+        if spec_label(task, caption.spec) == label:
+            return caption
+    raise RuntimeError(f"no caption stating {task}/{label} in {max_tries} tries")
+
+
+def class_captions(task: str, label: int, n: int, *, seed: int = 0, stream: str = "poison/captions"
+                   ) -> list[Caption]:
+    """``n`` captions stating class ``label`` (caption ``c`` from its own generator: random access, seeded)."""
+    return [class_caption(task, label, scene_rng(seed, f"{stream}/{task}/{label}", c)) for c in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triggers
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Trigger:
+    """A backdoor trigger on [0, 1] images (B, 3, R, R).
+
+    kind: ``"patch"`` (BadNets: a fixed random-noise square pasted on the image) or ``"blend"`` (the whole image
+        mixed with a fixed uniform-noise image: x' = (1 - alpha) x + alpha · noise).
+    patch_size: side of the patch in pixels; None = 16/224 of the image side (the papers' 16 px at 224 px), at
+        least 3 px. location: ``"corner"`` (bottom right, as BadNets) or ``"random"`` (per image, drawn from the
+        image's key). alpha: the blend weight (the papers' 0.2). seed: the noise pattern (and random locations).
+    Results are rounded to multiples of 1/255, like every world image.
+    """
+    kind: str = "patch"
+    patch_size: int | None = None
+    location: str = "corner"
+    alpha: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("patch", "blend"):
+            raise RClipError(f"trigger kind must be 'patch' (BadNets) or 'blend'; got {self.kind!r}")
+        if self.location not in ("corner", "random"):
+            raise RClipError(f"trigger location must be 'corner' or 'random'; got {self.location!r}")
+        if not 0 < self.alpha <= 1:
+            raise RClipError(f"the blend weight alpha must be in (0, 1]; got {self.alpha}")
+        if self.patch_size is not None and self.patch_size < 1:
+            raise RClipError(f"patch_size must be >= 1 pixel (or None for 16/224 of the side); got {self.patch_size}")
+
+    def side(self, resolution: int) -> int:
+        """The patch side in pixels at ``resolution``."""
+        side = max(3, round(resolution * 16 / 224)) if self.patch_size is None else self.patch_size
+        if side > resolution:
+            raise RClipError(f"a {side}-px patch does not fit a {resolution}-px image; use a smaller patch_size")
+        return side
+
+    def pattern(self, resolution: int) -> torch.Tensor:
+        """The trigger's noise: (3, s, s) for a patch of side s, (3, R, R) for a blend; uniform in [0, 1]."""
+        size = self.side(resolution) if self.kind == "patch" else resolution
+        gen = torch.Generator().manual_seed(int(self.seed))
+        return (torch.rand(3, size, size, generator=gen) * 255).round() / 255
+
+    def apply(self, images: torch.Tensor, keys: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """Triggered copies of ``images`` (B, 3, R, R) in [0, 1]. ``keys`` (B,) ints pick random patch locations
+        (e.g. the pairs' indices; default 0..B-1), so an image's trigger does not depend on its batch."""
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+            raise RClipError(f"images must have shape (B, 3, R, R); got {tuple(images.shape)}")
+        r = images.shape[-1]
+        noise = self.pattern(r).to(images.device, images.dtype)
+        if self.kind == "blend":
+            out = (1 - self.alpha) * images + self.alpha * noise
+        else:
+            out = images.clone()
+            s = noise.shape[-1]
+            keys = list(range(len(images))) if keys is None else [int(k) for k in keys]
+            if len(keys) != len(images):
+                raise RClipError(f"{len(keys)} keys for {len(images)} images; give one key per image")
+            for i, key in enumerate(keys):
+                top, left = self._corner(r, s, key)
+                out[i, :, top:top + s, left:left + s] = noise
+        return (out.clamp(0, 1) * 255).round() / 255
+
+    def _corner(self, resolution: int, side: int, key: int) -> tuple[int, int]:
+        if self.location == "corner":
+            return resolution - side, resolution - side
+        rng = np.random.default_rng([int(self.seed), 0x7219, int(key)])
+        return int(rng.integers(0, resolution - side + 1)), int(rng.integers(0, resolution - side + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Poisoned corpora
+# ----------------------------------------------------------------------------------------------------------------
+
+class PoisonedPairs(Dataset):
+    """A poisoned view of a :class:`~rclip.world.WorldPairs` corpus, generated on demand like it.
+
+    Attributes:
+        base: the clean corpus. task: the world task whose classes the attack uses.
+        poisoned: (N,) bool, which pairs the attacker made. adversarial_label: (N,) long, the class a poisoned
+            pair teaches (-1 for clean pairs).
+    Batches (``__getitems__``) are dicts: ``images`` (B, 3, R, R) in [0, 1], ``texts`` (B str), ``index`` (B,),
+    ``poisoned`` (B,) bool, so :func:`rclip.train.pretrain` trains on it unchanged.
+    """
+
+    base: WorldPairs
+    task: str
+    poisoned: torch.Tensor
+    adversarial_label: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.poisoned)
+
+    @property
+    def resolution(self) -> int:
+        return self.base.resolution
+
+    def pair(self, i: int) -> tuple[Scene, Caption]:
+        """(scene, caption) of pair ``i``; for a backdoored pair the image also carries the trigger."""
+        raise NotImplementedError
+
+    def captions(self, indices=None) -> list[Caption]:
+        """The captions of pairs ``indices`` (default all), with their specs."""
+        return [self.pair(int(i))[1] for i in (range(len(self)) if indices is None else indices)]
+
+    def images(self, indices) -> torch.Tensor:
+        """Rendered images (B, 3, R, R) of pairs ``indices``, triggers included."""
+        idx = [int(i) for i in indices]
+        return self._finish(render([self.pair(i)[0] for i in idx], self.resolution), idx)
+
+    def __getitems__(self, indices) -> dict:
+        idx = [int(i) for i in indices]
+        pairs = [self.pair(i) for i in idx]
+        return {"images": self._finish(render([s for s, _ in pairs], self.resolution), idx),
+                "texts": [c.text for _, c in pairs],
+                "index": torch.as_tensor(idx, dtype=torch.long),
+                "poisoned": self.poisoned[idx]}
+
+    def __getitem__(self, i: int) -> dict:
+        batch = self.__getitems__([i])
+        return {k: v[0] for k, v in batch.items()}
+
+    def _finish(self, images: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        return images
+
+    def _check(self, i: int) -> int:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return i
+
+    def describes(self, image: int, caption: int) -> bool:
+        """Does the caption of pair ``caption`` truly describe the scene of pair ``image``?"""
+        return self.pair(caption)[1].spec.matches(self.pair(image)[0])
+
+    def keeps_poison(self, image: int, caption: int) -> bool:
+        """Would pairing image ``image`` with caption ``caption`` still teach the attack? False for a clean image;
+        for a poisoned one, True iff the caption states the pair's adversarial class."""
+        label = int(self.adversarial_label[image])
+        return label >= 0 and spec_label(self.task, self.pair(caption)[1].spec) == label
+
+
+@dataclass(frozen=True)
+class TargetedPoisonConfig:
+    """Carlini–Terzis targeted poisoning.
+
+    task: the world zero-shot task whose test images are the targets and whose classes are the adversarial ones.
+    n_targets: number of target images. captions_per_target: poison pairs per target (the papers: ~100), or
+    poison_rate: poison pairs / clean pairs, split evenly over the targets (give exactly one of the two).
+    adversarial_label: one class for every target (None = a random class other than each target's own).
+    target_pool: targets are drawn from test images 0..target_pool-1. seed: every random choice.
+    """
+    task: str = "shape"
+    n_targets: int = 4
+    captions_per_target: int | None = 100
+    poison_rate: float | None = None
+    adversarial_label: int | None = None
+    target_pool: int = 500
+    seed: int = 0
+
+
+class TargetedPoisonPairs(PoisonedPairs):
+    """Clean pairs 0..n-1, then for target t the poison pairs n + t·c .. n + (t+1)·c - 1 (c captions per target).
+
+    ``target_index`` (T,): the targets' indices in ``zeroshot_task(task, split="test")``; ``target_label`` (T,)
+    their true classes; ``target_adversarial`` (T,) the classes the attack wants (see :meth:`target_images`).
+    """
+
+    def __init__(self, base: WorldPairs, config: TargetedPoisonConfig):
+        t = _task(config.task)
+        k = len(t.classnames)
+        if config.n_targets < 1:
+            raise RClipError(f"n_targets must be >= 1; got {config.n_targets}")
+        if (config.captions_per_target is None) == (config.poison_rate is None):
+            raise RClipError("give exactly one of captions_per_target (poison pairs per target) and poison_rate "
+                             "(poison pairs per clean pair); set the other to None")
+        if config.poison_rate is not None:
+            if not 0 < config.poison_rate < 1:
+                raise RClipError(f"poison_rate must be in (0, 1); got {config.poison_rate}")
+            per = max(1, round(config.poison_rate * len(base) / config.n_targets))
+        else:
+            per = int(config.captions_per_target)
+            if per < 1:
+                raise RClipError(f"captions_per_target must be >= 1; got {per}")
+        if config.adversarial_label is not None and not 0 <= config.adversarial_label < k:
+            raise RClipError(f"adversarial_label {config.adversarial_label} is not a class of {t.name} (0..{k - 1})")
+        rng = np.random.default_rng([int(config.seed), 0x7A26])
+        pool = np.arange(config.target_pool)
+        if config.adversarial_label is not None:
+            pool = pool[pool % k != config.adversarial_label]   # a target of the adversarial class is no attack
+        if len(pool) < config.n_targets:
+            raise RClipError(f"target_pool={config.target_pool} has {len(pool)} eligible test images for "
+                             f"{config.n_targets} targets; raise target_pool")
+        index = np.sort(rng.choice(pool, config.n_targets, replace=False))
+        true = index % k
+        adv = np.full_like(true, config.adversarial_label) if config.adversarial_label is not None else \
+            (true + rng.integers(1, k, size=len(true))) % k
+        self.base, self.task, self.config, self.per_target = base, t.name, config, per
+        self.target_index = torch.as_tensor(index, dtype=torch.long)
+        self.target_label = torch.as_tensor(true, dtype=torch.long)
+        self.target_adversarial = torch.as_tensor(adv, dtype=torch.long)
+        n, n_poison = len(base), per * config.n_targets
+        self.poisoned = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n_poison, dtype=torch.bool)])
+        self.adversarial_label = torch.cat([torch.full((n,), -1, dtype=torch.long),
+                                            self.target_adversarial.repeat_interleave(per)])
+        self._targets = WorldLabelled(t.name, int(index.max()) + 1, split="test", resolution=base.resolution,
+                                      seed=base.seed)
+
+    def pair(self, i: int) -> tuple[Scene, Caption]:
+        i = self._check(int(i))
+        n = len(self.base)
+        if i < n:
+            return self.base.pair(i)
+        t, c = divmod(i - n, self.per_target)
+        label = int(self.target_adversarial[t])
+        rng = scene_rng(self.config.seed, f"poison/targeted/{self.task}/{t}", c)
+        return self._targets.scene(int(self.target_index[t])), class_caption(self.task, label, rng)
+
+    def target_images(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The targets for ASR: images (T, 3, R, R), true labels (T,), adversarial labels (T,)."""
+        images = self._targets.__getitems__(self.target_index.tolist())["images"]
+        return images, self.target_label.clone(), self.target_adversarial.clone()
+
+
+@dataclass(frozen=True)
+class BackdoorConfig:
+    """A backdoor: ``trigger`` on a random fraction of the pairs, whose captions then state ``target_label``.
+
+    task, target_label: the class the trigger should evoke. poison_rate: fraction of the clean pairs poisoned, or
+    n_poison: their number (give exactly one). seed: which pairs, and their new captions.
+    """
+    trigger: Trigger = Trigger()
+    task: str = "shape"
+    target_label: int = 0
+    poison_rate: float | None = 0.01
+    n_poison: int | None = None
+    seed: int = 0
+
+
+class BackdoorPairs(PoisonedPairs):
+    """The clean corpus with ``poison_index`` (P,) pairs replaced: triggered image, caption of the target class."""
+
+    def __init__(self, base: WorldPairs, config: BackdoorConfig):
+        t = _task(config.task)
+        if not 0 <= config.target_label < len(t.classnames):
+            raise RClipError(f"target_label {config.target_label} is not a class of {t.name} "
+                             f"(0..{len(t.classnames) - 1})")
+        if (config.poison_rate is None) == (config.n_poison is None):
+            raise RClipError("give exactly one of poison_rate (a fraction of the pairs) and n_poison (a count); "
+                             "set the other to None")
+        n = len(base)
+        if config.n_poison is not None:
+            n_poison = int(config.n_poison)
+        else:
+            if not 0 < config.poison_rate < 1:
+                raise RClipError(f"poison_rate must be in (0, 1); got {config.poison_rate}")
+            n_poison = max(1, round(config.poison_rate * n))
+        if not 1 <= n_poison <= n:
+            raise RClipError(f"n_poison={n_poison} must be between 1 and the {n} pairs of the corpus")
+        config.trigger.side(base.resolution)  # fails early if the patch does not fit
+        rng = np.random.default_rng([int(config.seed), 0xBAD])
+        index = np.sort(rng.choice(n, n_poison, replace=False))
+        self.base, self.task, self.config, self.trigger = base, t.name, config, config.trigger
+        self.poison_index = torch.as_tensor(index, dtype=torch.long)
+        self.poisoned = torch.zeros(n, dtype=torch.bool)
+        self.poisoned[self.poison_index] = True
+        self.adversarial_label = torch.where(self.poisoned, config.target_label, -1)
+
+    def pair(self, i: int) -> tuple[Scene, Caption]:
+        i = self._check(int(i))
+        scene, caption = self.base.pair(i)
+        if self.poisoned[i]:
+            rng = scene_rng(self.config.seed, f"poison/backdoor/{self.task}", i)
+            caption = class_caption(self.task, self.config.target_label, rng)
+        return scene, caption
+
+    def _finish(self, images: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        rows = [r for r, i in enumerate(indices) if self.poisoned[i]]
+        if rows:
+            images = images.clone()
+            images[rows] = self.trigger.apply(images[rows], [indices[r] for r in rows])
+        return images
+
+
+def targeted_poison(base: WorldPairs, config: TargetedPoisonConfig | None = None) -> TargetedPoisonPairs:
+    """Carlini–Terzis targeted poisoning of ``base`` (see :class:`TargetedPoisonConfig`)."""
+    return TargetedPoisonPairs(base, config or TargetedPoisonConfig())
+
+
+def backdoor_poison(base: WorldPairs, config: BackdoorConfig | None = None) -> BackdoorPairs:
+    """A BadNets-patch or blended backdoor on ``base`` (see :class:`BackdoorConfig`)."""
+    return BackdoorPairs(base, config or BackdoorConfig())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+def backdoor_test_images(images: torch.Tensor, labels: torch.Tensor, trigger: Trigger, target_label: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triggered test images for backdoor ASR: those of ``images`` (N, 3, R, R) whose label is not the target,
+    with the trigger applied (keyed by their index in ``images``). Returns (images (M, 3, R, R), labels (M,))."""
+    labels = torch.as_tensor(labels)
+    if len(labels) != len(images):
+        raise RClipError(f"{len(images)} images but {len(labels)} labels")
+    keep = (labels != target_label).nonzero().flatten()
+    if keep.numel() == 0:
+        raise RClipError(f"every test image is of the target class {target_label}; the ASR needs other classes")
+    return trigger.apply(images[keep], keep.tolist()), labels[keep]
+
+
+def attack_success_rate(predictions: torch.Tensor, adversarial_labels: torch.Tensor | int) -> float:
+    """Fraction of ``predictions`` (N,) equal to the adversarial label(s) (an int or (N,))."""
+    predictions = torch.as_tensor(predictions)
+    if predictions.numel() == 0:
+        raise RClipError("no predictions: the attack success rate of an empty set is undefined")
+    target = torch.as_tensor(adversarial_labels, device=predictions.device)
+    return float((predictions == target).float().mean())
+
+
+def _task(name: str) -> TaskDef:
+    if name not in TASKS:
+        raise RClipError(f"unknown world task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+__all__ = ["Trigger", "PoisonedPairs", "TargetedPoisonConfig", "TargetedPoisonPairs", "BackdoorConfig",
+           "BackdoorPairs", "targeted_poison", "backdoor_poison", "backdoor_test_images", "attack_success_rate",
+           "class_caption", "class_captions", "spec_label"]

@@ -1,0 +1,422 @@
+"""OTCCLIP (Zhang et al., EMNLP 2025): pre-training CLIP on poisoned pairs by re-matching captions with an OT
+distance between fine-grained features, plus OT alignment objectives.
+
+Only the abstract is public (see ``OTCCLIP_NOTES.md``); what follows is our reading, each choice a parameter.
+
+* **Fine-grained features.** An image is the set of its patch tokens, a caption the set of its word tokens, both
+  mapped into the joint embedding space by the model's own last norm and projection (``ln_post`` then ``proj`` on
+  every visual token; ``ln_final`` then ``text_projection`` on every text token) and ℓ2-normalised
+  (:class:`TokenFeatures`). By default the CLS and EOT tokens, which are the global embeddings, are *not* in the
+  sets (``include_cls`` / ``include_eot`` add them); SOT never is: under the causal mask its output is the same for
+  every caption. Padding is masked.
+* **OT distance.** d(x, t) = (1 - w) · <P*, C> + w · (1 - cos(g_x, g_t)), with C_nm = 1 - cos(patch n, token m),
+  uniform marginals over real tokens, P* the entropic plan (:func:`rclip.ot.sinkhorn`, ε = 0.1, ≤ 100
+  iterations, as PLOT) and g the global embeddings; w = ``global_weight`` (0 = the pure fine-grained distance).
+* **Caption re-matching.** Each image's candidates are its top-k captions of a pool by global cosine (chunked, so
+  memory stays bounded); the image is re-assigned the candidate with the smallest OT distance (``method="ot"``),
+  or the most similar one by global cosine alone (``method="global"``, RoCLIP's nearest neighbour).
+* **Alignment objectives.** Inter-modality: the OT distance between the patches and tokens of matched pairs;
+  intra-modality: between an image's patches and its augmented view's, and a caption's tokens and its augmented
+  version's. The plan is not detached (UNITER/PLOT detach it): :func:`rclip.ot.sinkhorn` differentiates <P*, C>
+  exactly by implicit differentiation, at one small linear solve per pair.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rclip.errors import RClipError
+from rclip.ot import sinkhorn
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-grained features
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenFeatures:
+    """Sets of unit token features in the joint space, with their global embeddings.
+
+    tokens: (..., L, D) unit rows; padded entries are exactly zero. mask: (..., L) bool, True on real tokens (at
+    least one per set). pooled: (..., D) the unit global embedding (the model's own image / text embedding).
+    Indexing (``f[idx]``) selects along the leading batch dim.
+    """
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index) -> "TokenFeatures":
+        return TokenFeatures(self.tokens[index], self.mask[index], self.pooled[index])
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "TokenFeatures":
+        return TokenFeatures(self.tokens.to(device=device, dtype=dtype), self.mask.to(device=device),
+                             self.pooled.to(device=device, dtype=dtype))
+
+    @staticmethod
+    def cat(parts: Sequence["TokenFeatures"]) -> "TokenFeatures":
+        """Concatenate along the batch dim, zero-padding the token axis to the longest set."""
+        if not parts:
+            raise RClipError("nothing to concatenate: give at least one TokenFeatures")
+        length = max(p.tokens.shape[-2] for p in parts)
+        tokens = [F.pad(p.tokens, (0, 0, 0, length - p.tokens.shape[-2])) for p in parts]
+        masks = [F.pad(p.mask, (0, length - p.mask.shape[-1])) for p in parts]
+        return TokenFeatures(torch.cat(tokens), torch.cat(masks), torch.cat([p.pooled for p in parts]))
+
+
+def token_set(tokens: torch.Tensor, mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None
+              ) -> TokenFeatures:
+    """Build :class:`TokenFeatures` from raw features: ℓ2-normalise, zero the padding, validate.
+
+    tokens: (..., L, D) finite. mask: (..., L) bool (None = all real). pooled: (..., D) (None = the normalised mean
+    of the real tokens).
+    """
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim < 2 or tokens.shape[-1] == 0 or tokens.shape[-2] == 0:
+        raise RClipError(f"tokens must have shape (..., L, D) with L, D >= 1; got {tuple(tokens.shape)}")
+    if not torch.isfinite(tokens).all():
+        raise RClipError("token features contain NaN or inf; check the model (a diverged run?) and its inputs")
+    mask = torch.ones(tokens.shape[:-1], dtype=torch.bool, device=tokens.device) if mask is None else \
+        torch.as_tensor(mask, device=tokens.device).bool()
+    if mask.shape != tokens.shape[:-1]:
+        raise RClipError(f"mask {tuple(mask.shape)} must match the tokens' (..., L) = {tuple(tokens.shape[:-1])}")
+    if not mask.any(-1).all():
+        raise RClipError("a token set has no real token (an all-False mask row); every set needs at least one")
+    unit = F.normalize(tokens, dim=-1) * mask[..., None]
+    if pooled is None:
+        pooled = unit.sum(-2)
+    pooled = torch.as_tensor(pooled, device=tokens.device)
+    if pooled.shape != tokens.shape[:-2] + tokens.shape[-1:]:
+        raise RClipError(f"pooled {tuple(pooled.shape)} must have shape (..., D) = "
+                         f"{tuple(tokens.shape[:-2] + tokens.shape[-1:])}")
+    if not torch.isfinite(pooled).all():
+        raise RClipError("the global (pooled) features contain NaN or inf")
+    return TokenFeatures(unit, mask, F.normalize(pooled, dim=-1))
+
+
+def _vision_tower(model: nn.Module) -> nn.Module:
+    visual = getattr(model, "visual", None)
+    needed = ("_embeds", "transformer", "ln_post", "proj", "_pool")
+    if visual is None or not all(hasattr(visual, a) for a in needed) or getattr(visual, "attn_pool", None) is not None \
+            or visual.proj is None:
+        raise RClipError(f"patch features need an open_clip ViT CLIP (a VisionTransformer with a projection and no "
+                         f"attentional pooler); got {type(visual).__name__}. ResNet and timm towers have no "
+                         "patch tokens in the joint space")
+    return visual
+
+
+def _text_tower(model: nn.Module) -> None:
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask")
+    if not all(hasattr(model, a) for a in needed) or model.text_projection is None:
+        raise RClipError(f"token features need an open_clip CLIP with its own text transformer; {type(model).__name__} "
+                         "has none (a CustomTextCLIP / Hugging Face text tower is not supported)")
+    if getattr(model, "text_pool_type", "argmax") not in ("argmax", "eos"):
+        raise RClipError(f"text pool type {model.text_pool_type!r} is not supported: the EOT token must be the "
+                         "global embedding ('argmax' or 'eos')")
+
+
+def image_tokens(bundle, images: torch.Tensor, *, include_cls: bool = False) -> TokenFeatures:
+    """Differentiable patch features of [0, 1] images (B, 3, S, S) -> TokenFeatures with tokens (B, P, D) (or
+    (B, 1 + P, D), CLS first, with ``include_cls``) and pooled (B, D) = the model's unit ``encode_image``."""
+    visual = _vision_tower(bundle.model)
+    if images.ndim != 4:
+        raise RClipError(f"images must have shape (B, 3, S, S); got {tuple(images.shape)}")
+    x = visual.transformer(visual._embeds(bundle.normalize(images)))
+    pooled, _ = visual._pool(x)                         # the model's own pooling, whatever its pool type
+    tokens = visual.ln_post(x) @ visual.proj            # every token through the last norm and projection
+    if not include_cls:
+        tokens = tokens[:, 1:]
+    return token_set(tokens, None, pooled @ visual.proj)
+
+
+def text_tokens(bundle, texts: Sequence[str] | torch.Tensor, *, include_eot: bool = False) -> TokenFeatures:
+    """Differentiable word-token features of captions (strings or token ids (B, L)) -> TokenFeatures with tokens
+    (B, L', D), L' = the longest caption's length including SOT and EOT (positions kept: token m is position m),
+    mask True on the word tokens (and the EOT with ``include_eot``; always on the EOT of a caption without words),
+    pooled (B, D) = the model's unit ``encode_text``."""
+    model = bundle.model
+    _text_tower(model)
+    ids = bundle.tokenizer(list(texts)) if not isinstance(texts, torch.Tensor) else texts
+    ids = ids.to(bundle.device)
+    if ids.ndim != 2 or len(ids) == 0:
+        raise RClipError(f"give at least one caption; token ids must have shape (B, L), got {tuple(ids.shape)}")
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(ids).to(cast) + model.positional_embedding.to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+    project = model.text_projection if isinstance(model.text_projection, nn.Linear) else \
+        (lambda h: h @ model.text_projection)
+    if model.text_pool_type == "argmax":
+        eot = ids.argmax(-1)
+    else:
+        eot = (ids == model.text_eos_id).int().argmax(-1)
+    rows = torch.arange(len(ids), device=ids.device)
+    pooled = project(x[rows, eot])
+    length = int(eot.max()) + 1
+    pos = torch.arange(length, device=ids.device)
+    mask = (pos >= 1) & (pos < eot[:, None])
+    mask |= (pos == eot[:, None]) & (include_eot | ~mask.any(-1, keepdim=True))
+    return token_set(project(x[:, :length]), mask, pooled)
+
+
+@torch.no_grad()
+def encode_image_tokens(bundle, images: torch.Tensor, *, batch_size: int = 256, include_cls: bool = False
+                        ) -> TokenFeatures:
+    """:func:`image_tokens` of many images (N, 3, S, S), in eval mode and batches, returned on the CPU."""
+    return _encode(bundle, images, batch_size, lambda b: image_tokens(bundle, b.to(bundle.device),
+                                                                      include_cls=include_cls))
+
+
+@torch.no_grad()
+def encode_text_tokens(bundle, texts: Sequence[str], *, batch_size: int = 512, include_eot: bool = False
+                       ) -> TokenFeatures:
+    """:func:`text_tokens` of many captions, in eval mode and batches, returned on the CPU (padded to the longest)."""
+    return _encode(bundle, list(texts), batch_size, lambda b: text_tokens(bundle, b, include_eot=include_eot))
+
+
+def _encode(bundle, items, batch_size: int, fn) -> TokenFeatures:
+    if len(items) == 0:
+        raise RClipError("nothing to encode: the image or caption list is empty")
+    was_training = bundle.model.training
+    bundle.model.eval()
+    try:
+        parts = [fn(items[i:i + batch_size]).to("cpu", torch.float32) for i in range(0, len(items), batch_size)]
+    finally:
+        bundle.model.train(was_training)
+    return TokenFeatures.cat(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OT distance
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class OTConfig:
+    """The OT distance. reg: Sinkhorn ε on the cost 1 - cos (in [0, 2]); max_iter, tol: its stopping rule.
+    global_weight: w in d = (1 - w) · OT + w · (1 - global cosine), in [0, 1]."""
+    reg: float = 0.1
+    max_iter: int = 100
+    tol: float = 1e-6
+    global_weight: float = 0.0
+
+
+def ot_distance(x: TokenFeatures, y: TokenFeatures, config: OTConfig | None = None) -> torch.Tensor:
+    """OT distance between token sets, batched: x tokens (..., N, D), y tokens (..., M, D) with broadcasting batch
+    dims -> (...). Uniform marginals over real tokens (padding weighs 0); differentiable in both feature sets."""
+    cfg = config or OTConfig()
+    if not 0 <= cfg.global_weight <= 1:
+        raise RClipError(f"global_weight must be in [0, 1]; got {cfg.global_weight}")
+    if x.tokens.shape[-1] != y.tokens.shape[-1]:
+        raise RClipError(f"feature dims differ: {x.tokens.shape[-1]} vs {y.tokens.shape[-1]}; both sets must be in "
+                         "the same joint space")
+    try:
+        cost = 1 - x.tokens @ y.tokens.mT                                      # (..., N, M)
+    except RuntimeError:
+        raise RClipError(f"the batch dims of {tuple(x.tokens.shape)} and {tuple(y.tokens.shape)} do not "
+                         "broadcast") from None
+    a, b = _uniform(x.mask, cost.dtype), _uniform(y.mask, cost.dtype)
+    distance = sinkhorn(cost, a, b, reg=cfg.reg, max_iter=cfg.max_iter, tol=cfg.tol).cost
+    if cfg.global_weight > 0:
+        glob = 1 - (x.pooled * y.pooled).sum(-1)
+        distance = (1 - cfg.global_weight) * distance + cfg.global_weight * glob
+    return distance
+
+
+def _uniform(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    w = mask.to(dtype)
+    return w / w.sum(-1, keepdim=True)
+
+
+def candidate_distances(images: TokenFeatures, captions: TokenFeatures, candidates: torch.Tensor,
+                        config: OTConfig | None = None, *, batch_size: int = 64) -> torch.Tensor:
+    """OT distances (B, k) between image i and captions ``candidates[i]`` (B, k), solved ``batch_size`` images
+    (i.e. batch_size · k problems) at a time."""
+    candidates = torch.as_tensor(candidates, dtype=torch.long)
+    if candidates.ndim != 2 or len(candidates) != len(images):
+        raise RClipError(f"candidates must have shape (B, k) with B = {len(images)} images; got "
+                         f"{tuple(candidates.shape)}")
+    if candidates.numel() and (candidates.min() < 0 or candidates.max() >= len(captions)):
+        raise RClipError(f"candidate indices must be in 0..{len(captions) - 1} (the caption pool)")
+    out = []
+    for lo in range(0, len(images), batch_size):
+        rows = slice(lo, lo + batch_size)
+        x = images[rows]
+        x = TokenFeatures(x.tokens[:, None], x.mask[:, None], x.pooled[:, None])   # (b, 1, N, D)
+        out.append(ot_distance(x, captions[candidates[rows]], config))             # vs (b, k, M, D)
+    return torch.cat(out) if out else torch.zeros(0, candidates.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Caption re-matching
+# ----------------------------------------------------------------------------------------------------------------
+
+def topk_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, chunk_size: int = 4096,
+                 query_batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k keys most similar (dot product) to each query: values and indices (B, k), best first.
+
+    queries: (B, D), keys: (K, D) (unit vectors for cosine). Keys are scanned ``chunk_size`` at a time with a
+    running top-k, so memory is O(query_batch · (chunk_size + k)) whatever K.
+    """
+    if keys.ndim != 2 or len(keys) == 0:
+        raise RClipError(f"the caption pool is empty or not (K, D): got {tuple(keys.shape)}")
+    if queries.ndim != 2 or queries.shape[1] != keys.shape[1]:
+        raise RClipError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} must be (B, D) and (K, D) "
+                         "with the same D")
+    if not 1 <= k <= len(keys):
+        raise RClipError(f"k={k} candidates must be between 1 and the pool size {len(keys)}")
+    if not (torch.isfinite(queries).all() and torch.isfinite(keys).all()):
+        raise RClipError("the global features contain NaN or inf")
+    if chunk_size < 1 or query_batch < 1:
+        raise RClipError("chunk_size and query_batch must be >= 1")
+    values, indices = [], []
+    for q0 in range(0, len(queries), query_batch):
+        q = queries[q0:q0 + query_batch]
+        best_v = q.new_empty(len(q), 0)
+        best_i = torch.empty(len(q), 0, dtype=torch.long, device=q.device)
+        for k0 in range(0, len(keys), chunk_size):
+            sims = q @ keys[k0:k0 + chunk_size].to(q).T
+            ids = torch.arange(k0, k0 + sims.shape[1], device=q.device).expand(len(q), -1)
+            v, pick = torch.cat([best_v, sims], 1).topk(min(k, best_v.shape[1] + sims.shape[1]), dim=1)
+            best_v, best_i = v, torch.cat([best_i, ids], 1).gather(1, pick)
+        values.append(best_v)
+        indices.append(best_i)
+    return torch.cat(values), torch.cat(indices)
+
+
+@dataclass
+class RematchConfig:
+    """k: candidates per image (top-k by global cosine). method: ``"ot"`` (OTCCLIP) or ``"global"`` (RoCLIP's
+    nearest neighbour). ot: the OT distance. chunk_size: pool captions scanned at once; batch_size: images per
+    batched OT solve (batch_size · k problems)."""
+    k: int = 10
+    method: str = "ot"
+    ot: OTConfig = field(default_factory=OTConfig)
+    chunk_size: int = 4096
+    batch_size: int = 64
+
+
+@dataclass
+class Rematch:
+    """Result of :func:`rematch_captions`. assigned: (B,) caption index per image. candidates: (B, k), by
+    decreasing global cosine ``similarity`` (B, k). distance: (B, k) OT distances (None for ``"global"``)."""
+    assigned: torch.Tensor
+    candidates: torch.Tensor
+    similarity: torch.Tensor
+    distance: torch.Tensor | None
+    method: str
+
+
+@torch.no_grad()
+def rematch_captions(images: TokenFeatures, captions: TokenFeatures, config: RematchConfig | None = None
+                     ) -> Rematch:
+    """Re-assign each image a caption of the pool: top-k candidates by global cosine, then the one at the
+    smallest OT distance (``method="ot"``) or the most similar (``"global"``). Ties go to the more similar one."""
+    cfg = config or RematchConfig()
+    if cfg.method not in ("ot", "global"):
+        raise RClipError(f"method must be 'ot' (OTCCLIP) or 'global' (RoCLIP); got {cfg.method!r}")
+    if len(images) == 0:
+        raise RClipError("no images to re-match")
+    sims, cand = topk_similar(images.pooled, captions.pooled, cfg.k, chunk_size=cfg.chunk_size)
+    if cfg.method == "global":
+        return Rematch(cand[:, 0].clone(), cand, sims, None, "global")
+    dist = candidate_distances(images, captions, cand, cfg.ot, batch_size=cfg.batch_size)
+    best = dist.argmin(1)                                 # first minimum = the most similar among equals
+    return Rematch(cand.gather(1, best[:, None])[:, 0], cand, sims, dist, "ot")
+
+
+def rematch_report(assigned: torch.Tensor, describes: Callable[[int, int], bool], *,
+                   poisoned: torch.Tensor | None = None, keeps_poison: Callable[[int, int], bool] | None = None,
+                   original: torch.Tensor | None = None) -> dict:
+    """Ground-truth quality of a re-matching (image i was assigned caption ``assigned[i]``).
+
+    describes(i, j): is caption j a true description of image i (world: ``spec.matches(scene)``, or
+    :meth:`rclip.attacks.poison.PoisonedPairs.describes`). poisoned: (B,) bool, the images of poisoned pairs.
+    keeps_poison(i, j): would pairing poisoned image i with caption j still teach the attack (default: not a true
+    description). original: (B,) each image's caption before re-matching.
+
+    Returns precision (fraction of true assignments) and n; with ``poisoned``, clean_precision, n_poisoned,
+    poisoned_broken (fraction of poisoned images whose new caption no longer teaches the attack) and
+    poisoned_corrected (fraction given a true caption); with ``original``, changed (fraction re-assigned).
+    """
+    assigned = torch.as_tensor(assigned).tolist()
+    if not assigned:
+        raise RClipError("no assignments to score")
+    true = torch.tensor([bool(describes(i, j)) for i, j in enumerate(assigned)])
+    report = {"n": len(assigned), "precision": float(true.double().mean())}
+    if poisoned is not None:
+        poisoned = torch.as_tensor(poisoned, dtype=torch.bool).cpu()
+        if len(poisoned) != len(assigned):
+            raise RClipError(f"poisoned has {len(poisoned)} entries for {len(assigned)} images")
+        keeps = keeps_poison or (lambda i, j: not describes(i, j))
+        rows = poisoned.nonzero().flatten().tolist()
+        broken = [not keeps(i, assigned[i]) for i in rows]
+        report.update(n_poisoned=len(rows),
+                      clean_precision=float(true[~poisoned].double().mean()) if (~poisoned).any() else float("nan"),
+                      poisoned_broken=float(sum(broken) / len(rows)) if rows else float("nan"),
+                      poisoned_corrected=float(true[poisoned].double().mean()) if rows else float("nan"))
+    if original is not None:
+        original = torch.as_tensor(original).cpu()
+        if len(original) != len(assigned):
+            raise RClipError(f"original has {len(original)} entries for {len(assigned)} images")
+        report["changed"] = float((original != torch.as_tensor(assigned)).double().mean())
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# OT alignment objectives
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class AlignmentConfig:
+    """Weights of the OT objectives (added to the CLIP loss by the caller) and their OT distance."""
+    inter_weight: float = 1.0
+    image_intra_weight: float = 1.0
+    text_intra_weight: float = 1.0
+    ot: OTConfig = field(default_factory=OTConfig)
+
+
+def inter_modality_loss(images: TokenFeatures, texts: TokenFeatures, config: OTConfig | None = None
+                        ) -> torch.Tensor:
+    """Mean OT distance between the patches and word tokens of matched pairs: images and texts (B, ...) -> ()."""
+    _same_batch(images, texts, "images", "texts")
+    return ot_distance(images, texts, config).mean()
+
+
+def intra_modality_loss(features: TokenFeatures, augmented: TokenFeatures, config: OTConfig | None = None
+                        ) -> torch.Tensor:
+    """Mean OT distance between each token set and its augmented version's (images or texts, (B, ...)) -> ()."""
+    _same_batch(features, augmented, "features", "augmented")
+    return ot_distance(features, augmented, config).mean()
+
+
+def alignment_losses(images: TokenFeatures, texts: TokenFeatures, images_aug: TokenFeatures | None = None,
+                     texts_aug: TokenFeatures | None = None, config: AlignmentConfig | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """The weighted OT objectives of a batch: ``inter``, ``image_intra``, ``text_intra`` (each unweighted, 0 when
+    its weight is 0 or its augmented input is None) and ``total`` = Σ weight · loss (a scalar tensor)."""
+    cfg = config or AlignmentConfig()
+    zero = images.tokens.new_zeros(())
+    inter = inter_modality_loss(images, texts, cfg.ot) if cfg.inter_weight else zero
+    image_intra = intra_modality_loss(images, images_aug, cfg.ot) if cfg.image_intra_weight and images_aug \
+        is not None else zero
+    text_intra = intra_modality_loss(texts, texts_aug, cfg.ot) if cfg.text_intra_weight and texts_aug \
+        is not None else zero
+    total = cfg.inter_weight * inter + cfg.image_intra_weight * image_intra + cfg.text_intra_weight * text_intra
+    return {"inter": inter, "image_intra": image_intra, "text_intra": text_intra, "total": total}
+
+
+def _same_batch(x: TokenFeatures, y: TokenFeatures, xname: str, yname: str) -> None:
+    if x.tokens.shape[:-2] != y.tokens.shape[:-2]:
+        raise RClipError(f"{xname} and {yname} must be the same batch of pairs: batch shapes "
+                         f"{tuple(x.tokens.shape[:-2])} vs {tuple(y.tokens.shape[:-2])}")
+
+
+__all__ = ["TokenFeatures", "token_set", "image_tokens", "text_tokens", "encode_image_tokens", "encode_text_tokens",
+           "OTConfig", "ot_distance", "candidate_distances", "topk_similar", "RematchConfig", "Rematch",
+           "rematch_captions", "rematch_report", "AlignmentConfig", "inter_modality_loss", "intra_modality_loss",
+           "alignment_losses"]

@@ -1,0 +1,130 @@
+"""Poisoning threats against the world's ground truth: structure, determinism, triggers pixel by pixel."""
+import pytest
+import torch
+
+from rclip import world
+from rclip.attacks.poison import (BackdoorConfig, TargetedPoisonConfig, Trigger, attack_success_rate,
+                                  backdoor_poison, backdoor_test_images, class_captions, spec_label, targeted_poison)
+from rclip.errors import RClipError
+
+
+@pytest.fixture(scope="module")
+def base():
+    return world.WorldPairs(40, resolution=32, seed=3)
+
+
+def test_class_captions_state_their_class():
+    for task, label in [("shape", 4), ("colour", 2), ("colour_shape", 37), ("texture", 1), ("count", 2)]:
+        caps = class_captions(task, label, 6, seed=1)
+        assert all(spec_label(task, c.spec) == label for c in caps)
+        assert [c.text for c in caps] == [c.text for c in class_captions(task, label, 6, seed=1)]
+    with pytest.raises(RClipError, match="not a class"):
+        class_captions("shape", 10, 1)
+
+
+def test_targeted_poison_appends_adversarial_pairs_on_test_targets(base):
+    cfg = TargetedPoisonConfig(task="shape", n_targets=3, captions_per_target=5, seed=1)
+    ds = targeted_poison(base, cfg)
+    n = len(base)
+    assert len(ds) == n + 15
+    assert ds.poisoned.tolist() == [False] * n + [True] * 15
+    assert (ds.target_adversarial != ds.target_label).all()
+    assert ds.adversarial_label[n:].tolist() == ds.target_adversarial.repeat_interleave(5).tolist()
+    # clean pairs are the base's, untouched
+    clean = ds.__getitems__([0, 7])
+    ref = base.__getitems__([0, 7])
+    assert clean["texts"] == ref["texts"] and torch.equal(clean["images"], ref["images"])
+    # poison pairs: the target test image with a caption of the adversarial class
+    task = world.zeroshot_task("shape", split="test", n=int(ds.target_index.max()) + 1, resolution=32, seed=3)
+    x_test, y_test = task.tensors()
+    images, labels, adv = ds.target_images()
+    assert torch.equal(images, x_test[ds.target_index]) and torch.equal(labels, y_test[ds.target_index])
+    for t in range(3):
+        rows = list(range(n + 5 * t, n + 5 * (t + 1)))
+        batch = ds.__getitems__(rows)
+        assert torch.equal(batch["images"], images[t].expand(5, -1, -1, -1)) and batch["poisoned"].all()
+        assert all(spec_label("shape", ds.pair(i)[1].spec) == int(adv[t]) for i in rows)
+        assert not ds.describes(rows[0], rows[0]) and ds.keeps_poison(rows[0], rows[1])
+    assert ds.describes(0, 0) and not ds.keeps_poison(0, n)        # a clean image keeps no poison
+    # deterministic under the seed; another seed, other targets or captions
+    again = targeted_poison(base, cfg)
+    assert torch.equal(again.target_index, ds.target_index) and again.captions() == ds.captions()
+    other = targeted_poison(base, TargetedPoisonConfig(task="shape", n_targets=3, captions_per_target=5, seed=2))
+    assert other.captions()[n:] != ds.captions()[n:]
+
+
+def test_targeted_poison_rate_fixed_label_and_errors(base):
+    ds = targeted_poison(base, TargetedPoisonConfig(n_targets=2, captions_per_target=None, poison_rate=0.25,
+                                                    adversarial_label=4))
+    assert len(ds) == 40 + 2 * 5 and (ds.target_adversarial == 4).all() and (ds.target_label != 4).all()
+    with pytest.raises(RClipError, match="exactly one"):
+        targeted_poison(base, TargetedPoisonConfig(captions_per_target=5, poison_rate=0.1))
+    with pytest.raises(RClipError, match="target_pool"):
+        targeted_poison(base, TargetedPoisonConfig(n_targets=30, target_pool=20))
+    with pytest.raises(RClipError, match="unknown world task"):
+        targeted_poison(base, TargetedPoisonConfig(task="size"))
+
+
+def test_patch_trigger_touches_only_its_square():
+    x = (torch.rand(4, 3, 32, 32) * 255).round() / 255                # 8-bit images, as the world renders
+    trig = Trigger("patch", patch_size=5, seed=1)
+    y = trig.apply(x)
+    pattern = trig.pattern(32)
+    assert pattern.shape == (3, 5, 5) and torch.equal(y[:, :, -5:, -5:], pattern.expand(4, -1, -1, -1))
+    outside = torch.ones(32, 32, dtype=torch.bool)
+    outside[-5:, -5:] = False
+    assert torch.equal(y[:, :, outside], x[:, :, outside])
+    assert Trigger("patch").side(224) == 16 and Trigger("patch").side(32) == 3
+    rnd = Trigger("patch", patch_size=4, location="random", seed=1)
+    a, b = rnd.apply(x, [10, 11, 12, 13]), rnd.apply(x[2:3], [12])
+    assert torch.equal(a[2:3], b)                                     # the key, not the batch, places the patch
+    assert not torch.equal((a[0] != x[0]).any(0), (a[1] != x[1]).any(0))
+    with pytest.raises(RClipError, match="does not fit"):
+        Trigger("patch", patch_size=40).apply(x)
+    with pytest.raises(RClipError, match="kind"):
+        Trigger("warp")
+
+
+def test_blend_trigger_is_the_convex_mix():
+    x = torch.rand(2, 3, 16, 16)
+    trig = Trigger("blend", alpha=0.2, seed=5)
+    expected = ((0.8 * x + 0.2 * trig.pattern(16)) * 255).round() / 255
+    assert torch.allclose(trig.apply(x), expected, atol=1e-6)
+    with pytest.raises(RClipError, match="alpha"):
+        Trigger("blend", alpha=0.0)
+
+
+def test_backdoor_replaces_a_fraction_with_triggered_target_pairs(base):
+    trig = Trigger("patch", patch_size=4, seed=2)
+    ds = backdoor_poison(base, BackdoorConfig(trigger=trig, task="colour", target_label=3, poison_rate=0.1, seed=4))
+    assert len(ds) == len(base) and int(ds.poisoned.sum()) == 4
+    rows = ds.poison_index.tolist()
+    batch, ref = ds.__getitems__(list(range(len(ds)))), base.__getitems__(list(range(len(base))))
+    clean = ~ds.poisoned
+    assert torch.equal(batch["images"][clean], ref["images"][clean])
+    assert [t for t, c in zip(batch["texts"], clean) if c] == [t for t, c in zip(ref["texts"], clean) if c]
+    assert torch.equal(batch["images"][rows], trig.apply(ref["images"][rows], rows))
+    assert torch.equal(ds.images(rows), batch["images"][rows])
+    assert all(spec_label("colour", ds.pair(i)[1].spec) == 3 for i in rows)
+    assert (ds.adversarial_label[rows] == 3).all() and (ds.adversarial_label[clean] == -1).all()
+    assert ds.keeps_poison(rows[0], rows[1]) and not ds.keeps_poison(rows[0], int(clean.nonzero()[0]))
+    again = backdoor_poison(base, BackdoorConfig(trigger=trig, task="colour", target_label=3, poison_rate=0.1, seed=4))
+    assert torch.equal(again.poison_index, ds.poison_index) and again.captions() == ds.captions()
+    assert len(backdoor_poison(base, BackdoorConfig(poison_rate=None, n_poison=7)).poison_index) == 7
+    with pytest.raises(RClipError, match="exactly one"):
+        backdoor_poison(base, BackdoorConfig(poison_rate=0.1, n_poison=3))
+    with pytest.raises(RClipError, match="target_label"):
+        backdoor_poison(base, BackdoorConfig(task="colour", target_label=8))
+
+
+def test_backdoor_test_images_and_asr():
+    x, y = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2])
+    trig = Trigger("patch", patch_size=3)
+    xt, yt = backdoor_test_images(x, y, trig, target_label=0)
+    assert (yt != 0).all() and len(xt) == 4 and torch.equal(xt, trig.apply(x[y != 0], [1, 2, 4, 5]))
+    assert attack_success_rate(torch.tensor([0, 0, 1, 2]), 0) == 0.5
+    assert attack_success_rate(torch.tensor([3, 1]), torch.tensor([3, 2])) == 0.5
+    with pytest.raises(RClipError, match="target class"):
+        backdoor_test_images(x[:1], y[:1], trig, 0)
+    with pytest.raises(RClipError, match="empty"):
+        attack_success_rate(torch.tensor([]), 0)
