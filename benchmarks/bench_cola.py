@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -29,21 +26,7 @@ import torch.nn.functional as F
 from rclip import models
 from rclip.methods.cola import COLA, COLAConfig, random_views
 
-
-def timed(fn, device, repeat):
-    """Median seconds of ``repeat`` calls after one warm-up, and the last result."""
-    def once():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, out
-
-    once()
-    runs = [once() for _ in range(repeat)]
-    return statistics.median(t for t, _ in runs), [t for t, _ in runs], runs[-1][1]
+import common  # benchmarks/common.py
 
 
 def main(argv=None):
@@ -57,14 +40,8 @@ def main(argv=None):
     p.add_argument("--C", type=int, default=256, help="projection rank")
     p.add_argument("--amp", action="store_true", help="encode under bf16 autocast on CUDA (both sides)")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="OUT")
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.add_run_options(p)
+    args = common.parse(p, argv)
     cpu = args.device == "cpu"
     args.B = args.B or (8 if cpu else 256)
     args.K = args.K or (100 if cpu else 1000)
@@ -87,13 +64,13 @@ def main(argv=None):
           f"Sinkhorn eps={cfg.reg}, max_iter={cfg.max_iter}{', bf16 autocast' if args.amp else ''}")
 
     with torch.no_grad(), autocast:
-        enc_s, enc_all, _ = timed(lambda: bundle.model.encode_image(bundle.normalize(views.flatten(0, 1))),
+        enc_s, enc_all, _ = common.timed(lambda: bundle.model.encode_image(bundle.normalize(views.flatten(0, 1))),
                                   device, args.repeat)
-        cola_s, cola_all, logits = timed(lambda: cola(images).argmax(1), device, args.repeat)
-        views_s, _, _ = timed(lambda: random_views(images, args.N, crop_scale=cfg.crop_scale,
+        cola_s, cola_all, logits = common.timed(lambda: cola(images).argmax(1), device, args.repeat)
+        views_s, _, _ = common.timed(lambda: random_views(images, args.N, crop_scale=cfg.crop_scale,
                                                    generator=torch.Generator().manual_seed(0)), device, args.repeat)
         feats = cola.view_features(images)
-        ot_s, _, _ = timed(lambda: cola.feature_distances(feats).argmin(1), device, args.repeat)
+        ot_s, _, _ = common.timed(lambda: cola.feature_distances(feats).argmin(1), device, args.repeat)
     enc_rate, cola_rate = args.B / enc_s, args.B / cola_s
     ratio = cola_rate / enc_rate
     print(f"encoding only: {enc_s * 1e3:.1f} ms per batch = {enc_rate:,.1f} images/s")
@@ -107,9 +84,7 @@ def main(argv=None):
                    amp=args.amp, encode_seconds=enc_s, encode_seconds_all=enc_all, cola_seconds=cola_s,
                    cola_seconds_all=cola_all, views_seconds=views_s, ot_seconds=ot_s, encode_images_per_s=enc_rate,
                    cola_images_per_s=cola_rate, ratio=ratio, versions=dict(torch=torch.__version__))
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}")
+        common.write_json(args.json, out)
     return 0
 
 

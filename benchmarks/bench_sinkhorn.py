@@ -13,7 +13,6 @@ every iteration; POT: L2 column-marginal violation, every 10th), so both reach a
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from rclip.ot import sinkhorn
+
+import common  # benchmarks/common.py
 
 CPU_DEFAULTS = dict(B=32, K=100)     # the paper-scale defaults (256 × 1000) take minutes per solve on a laptop CPU
 
@@ -41,13 +42,8 @@ def make_problems(b, k, n, m, dim, dtype, device, seed):
 
 def time_ours(cost, a, b, args):
     def run():
-        if cost.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        res = sinkhorn(cost, a, b, reg=args.reg, max_iter=args.max_iter, tol=args.tol)
-        if cost.is_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, res
+        return common.clock(lambda: sinkhorn(cost, a, b, reg=args.reg, max_iter=args.max_iter, tol=args.tol),
+                            cost.device)
 
     run()                                                          # warm-up (kernels, allocator)
     if cost.is_cuda:
@@ -84,15 +80,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="ours (POT runs float64)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of ours (median reported), after a warm-up")
     p.add_argument("--pot-problems", type=int, default=200, help="random subset POT solves, then extrapolated")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 on a CPU shared with "
-                   "another job, where waiting for a second thread's time slice dominates small kernels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="OUT", help="also write the results here")
-    args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch sees no CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.add_run_options(p)
+    args = common.parse(p, argv)
     defaults = dict(B=256, K=1000) if args.device == "cuda" else CPU_DEFAULTS
     args.B = args.B or defaults["B"]
     args.K = args.K or defaults["K"]
@@ -138,9 +127,7 @@ def main(argv=None):
                    pot_seconds_extrapolated=per_problem * n_problems, ours_problems_per_s=ours_rate,
                    pot_problems_per_s=pot_rate, ratio=ratio, max_rel_diff=rel, agree=rel <= limit,
                    versions=dict(torch=torch.__version__, pot=pot.__version__, numpy=np.__version__))
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}")
+        common.write_json(args.json, out)
     return 0 if rel <= limit else 1
 
 

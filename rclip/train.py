@@ -10,6 +10,9 @@
 * Mixed precision: bfloat16 autocast on CUDA (no loss scaling needed); fp32 on CPU.
 * Checkpoints: every ``ckpt_every`` steps into ``out_dir/ckpt-<step>/``, announced by rewriting
   ``out_dir/latest.json`` last; resume verifies the model file's sha256 before trusting it.
+* Hooks (:class:`TrainHooks`): a method whose data change between epochs (caption re-matching, a memory bank, a
+  safe/risky split) runs its work in ``before_step`` and keeps its state in ``state_dict``, which is written into
+  every checkpoint with the optimizer and restored on resume, so an interrupted run continues as it would have.
 """
 from __future__ import annotations
 
@@ -54,6 +57,8 @@ class TrainConfig:
     num_workers: int = 0
     max_minutes: float | None = None
     extra: dict = field(default_factory=dict)
+    optimizer: str = "adamw"          # "adamw" (betas, eps) or "sgd" (momentum; MA²T's recipe)
+    momentum: float = 0.9
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,11 +157,33 @@ def _collate(items):
     return {"images": torch.stack(list(images)), "texts": list(texts)}
 
 
+class TrainHooks:
+    """Per-run extras of :func:`fit`; override what a method needs (the defaults do nothing).
+
+    ``before_step(step)`` runs before step ``step``'s loss (after its batch is drawn), on every rank;
+    ``lr_scale(step)`` multiplies that step's scheduled learning rate; ``state_dict()`` is saved in every checkpoint
+    (tensors, numbers, strings, lists and dicts of them) and ``load_state_dict`` gets it back on resume.
+    """
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def lr_scale(self, step: int) -> float:
+        return 1.0
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 
-def _save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, log: dict) -> None:
+def _save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer, log: dict,
+                     hooks: TrainHooks | None = None) -> None:
     from safetensors.torch import save_file
 
     d = out / f"ckpt-{step}"
@@ -165,7 +192,8 @@ def _save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.op
     with atomic_path(d / "model.safetensors") as tmp:
         save_file(state, str(tmp))
     with atomic_path(d / "optim.pt") as tmp:
-        torch.save({"optimizer": opt.state_dict(), "step": step}, tmp)
+        torch.save({"optimizer": opt.state_dict(), "step": step,
+                    **({"hooks": hooks.state_dict()} if hooks is not None else {})}, tmp)
     write_json(d / "log.json", log)
     write_json(out / "latest.json", {"step": step, "dir": d.name, "model_sha256": sha256(d / "model.safetensors")})
     for old in out.glob("ckpt-*"):
@@ -173,7 +201,8 @@ def _save_checkpoint(out: Path, step: int, model: torch.nn.Module, opt: torch.op
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, dict] | None:
+def _load_checkpoint(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                     hooks: TrainHooks | None = None) -> tuple[int, dict] | None:
     latest = out / "latest.json"
     if not latest.is_file():
         return None
@@ -185,6 +214,11 @@ def _load_checkpoint(out: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     model.load_state_dict(state, strict=True)
     blob = torch.load(d / "optim.pt", map_location="cpu", weights_only=True)
     opt.load_state_dict(blob["optimizer"])
+    if hooks is not None:
+        if "hooks" not in blob:
+            raise RClipError(f"checkpoint {d} was written without the method's state (its hooks); it belongs to "
+                             f"another kind of run. Delete {out} to restart.")
+        hooks.load_state_dict(blob["hooks"])
     return int(info["step"]), json.loads((d / "log.json").read_text())
 
 
@@ -200,6 +234,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         skip = p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name or "embedding" in name
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (default) or SGD with momentum over the trainable parameters, weight decay off for gains and biases."""
+    groups = _param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    raise RClipError(f"unknown optimizer {cfg.optimizer!r}; choose 'adamw' or 'sgd'")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -236,13 +280,14 @@ def pretrain(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: st
 
 def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | Path, loss_fn: LossFn, *,
         module: torch.nn.Module | None = None, evaluate: Callable[[CLIPBundle], dict] | None = None,
-        progress: bool = True, desc: str = "training") -> dict:
+        progress: bool = True, desc: str = "training", hooks: TrainHooks | None = None) -> dict:
     """Train the parameters of ``bundle.model`` that require grad, in place, minimising ``loss_fn(net, batch)``
     over batches of ``dataset``; resume from ``out_dir`` if it holds a checkpoint (of the whole model).
 
     ``net`` is ``module`` (a submodule of ``bundle.model`` that the loss calls, e.g. ``model.visual``; default the
     whole model), wrapped in DDP under ``torchrun``: the loss must run its trainable forward through ``net`` so
-    gradients are synchronised. On CUDA the loss runs under bf16 autocast.
+    gradients are synchronised. On CUDA the loss runs under bf16 autocast. ``hooks`` (:class:`TrainHooks`) run
+    before every step, scale its learning rate, and have their state checkpointed and resumed with the model.
 
     Returns the training log: config, per-step records (loss, lr, logit scale, samples, seconds) and evaluations.
     """
@@ -252,12 +297,12 @@ def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | P
     model = bundle.model
     model.train()
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    opt = make_optimizer(model, cfg)
 
     log = {"config": asdict(cfg), "world_size": world, "device": str(device), "records": [], "evals": [],
            "wall_s": 0.0, "stopped_early": False}
     start = 0
-    resumed = _load_checkpoint(out, model, opt)
+    resumed = _load_checkpoint(out, model, opt, hooks)
     if resumed is not None:
         start, log = resumed
         log["resumed_from"] = start
@@ -280,7 +325,9 @@ def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | P
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, desc=desc, dynamic_ncols=True)
     step = start
     for batch in loader:
-        lr = lr_at(step, cfg)
+        if hooks is not None:
+            hooks.before_step(step)
+        lr = lr_at(step, cfg) * (hooks.lr_scale(step) if hooks is not None else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -314,7 +361,7 @@ def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | P
             log["wall_s"] = round(time.time() - t0, 1)
             log["last_step"] = step
             if rank == 0:
-                _save_checkpoint(out, step, model, opt, log)
+                _save_checkpoint(out, step, model, opt, log, hooks)
             if world > 1:
                 dist.barrier()
         if out_of_time:

@@ -13,8 +13,9 @@ from rclip.attacks.poison import TargetedPoisonConfig, targeted_poison
 from rclip.errors import RClipError
 from rclip.methods.otcclip import (AlignmentConfig, OTConfig, RematchConfig, TokenFeatures, alignment_losses,
                                    candidate_distances, encode_image_tokens, encode_text_tokens, image_tokens,
-                                   inter_modality_loss, intra_modality_loss, ot_distance, rematch_captions,
-                                   rematch_report, text_tokens, token_set, topk_similar)
+                                   inter_modality_loss, intra_modality_loss, ot_contrastive_loss, ot_distance,
+                                   rematch_captions, rematch_corpus, rematch_report, text_tokens, token_set,
+                                   topk_similar)
 
 CAPTIONS = ["a red circle", "", "a large blue square on a striped background", "two small stars"]
 
@@ -235,3 +236,79 @@ def test_token_sets_reject_bad_input():
         token_set(torch.ones(4))
     parts = TokenFeatures.cat([token_set(torch.ones(1, 2, 3)), token_set(torch.ones(2, 5, 3))])
     assert parts.tokens.shape == (3, 5, 3) and parts.mask.sum().item() == 12
+
+
+def test_ot_contrastive_loss_is_cross_entropy_on_pairwise_ot_distances():
+    g = torch.Generator().manual_seed(3)
+    x, y = _random_sets(g, 5, 4, 6), _random_sets(g, 5, 3, 6)
+    cfg = OTConfig(reg=0.2, max_iter=3000, tol=1e-12)
+    loss = ot_contrastive_loss(x, y, cfg, negatives=2, temperature=0.3)
+    d = torch.stack([torch.stack([ot_distance(x[i], y[j], cfg) for j in range(5)]) for i in range(5)])
+    rows_x = torch.stack([d[i, [(i + s) % 5 for s in range(3)]] for i in range(5)])
+    rows_y = torch.stack([d[[(j - s) % 5 for s in range(3)], j] for j in range(5)])
+    zero = torch.zeros(5, dtype=torch.long)
+    expected = 0.5 * (F.cross_entropy(-rows_x / 0.3, zero) + F.cross_entropy(-rows_y / 0.3, zero))
+    assert torch.allclose(loss, expected, atol=1e-10)
+    assert torch.allclose(ot_contrastive_loss(x, y, cfg, negatives=99), ot_contrastive_loss(x, y, cfg, negatives=4))
+    dist = alignment_losses(x, y, config=AlignmentConfig(objective="distance", ot=cfg, image_intra_weight=0,
+                                                         text_intra_weight=0))
+    assert torch.allclose(dist["inter"], ot_distance(x, y, cfg).mean())
+    with pytest.raises(RClipError, match="objective"):
+        alignment_losses(x, y, config=AlignmentConfig(objective="kl"))
+    with pytest.raises(RClipError, match="temperature"):
+        ot_contrastive_loss(x, y, cfg, temperature=0)
+
+
+def test_corpus_rematching_in_chunks_equals_rematching_in_memory(tiny):
+    from rclip.data.pairs import FocusedWorldPairs, PairCorpus
+
+    corpus = PairCorpus.render(FocusedWorldPairs(23, seed=1))
+    imgs = encode_image_tokens(tiny, corpus.images())
+    caps = encode_text_tokens(tiny, corpus.texts)
+    for method in ("ot", "global"):
+        cfg = RematchConfig(k=5, method=method, chunk_size=4, batch_size=3)
+        ref = rematch_captions(imgs, caps, cfg)
+        got = rematch_corpus(tiny, corpus, cfg, image_chunk=7, text_batch=6)
+        assert torch.equal(got.candidates, ref.candidates) and torch.equal(got.assigned, ref.assigned)
+        assert torch.allclose(got.similarity, ref.similarity, atol=1e-5)
+        if method == "ot":
+            assert torch.allclose(got.distance, ref.distance, atol=1e-5)
+    describes = lambda i, j: (i + j) % 3 == 0                            # noqa: E731
+    hit = rematch_report(got.assigned, describes, candidates=got.candidates)["pool_hit"]
+    assert hit == sum(any((i + int(j)) % 3 == 0 for j in row) for i, row in enumerate(got.candidates)) / 23
+
+
+def test_otcclip_trainer_rematches_on_schedule(tiny, monkeypatch):
+    from rclip.data.pairs import FocusedWorldPairs, PairCorpus
+    from rclip.methods import otcclip as otc
+    from rclip.methods.poison_defenses import PretrainConfig
+
+    corpus = PairCorpus.render(FocusedWorldPairs(32, seed=2))
+    shuffled = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    fake = otc.Rematch(shuffled, torch.stack([shuffled, torch.arange(32)], 1), torch.zeros(32, 2), None, "ot")
+    monkeypatch.setattr(otc, "rematch_corpus", lambda *a, **k: fake)
+    schedule = PretrainConfig(epochs=6, batch_size=8)                      # 4 steps per epoch
+
+    def epochs_run(config):
+        trainer = otc.OTCCLIPTrainer(tiny, corpus, schedule, config)
+        seen = []
+        for epoch in range(6):
+            trainer.before_step(4 * epoch)
+            seen.append(torch.equal(trainer.assignment, shuffled))
+        return trainer, seen
+
+    alternate, seen = epochs_run(otc.OTCCLIPConfig(rematch_start=1, rematch_every=2))
+    assert [e["epoch"] for e in alternate.events] == [1, 3, 5] and seen == [False, True, False, True, False, True]
+    assert all(e["applied"] for e in alternate.events) and alternate.events[0]["candidates"].dtype == torch.int32
+    _, held = epochs_run(otc.OTCCLIPConfig(rematch_start=1, rematch_every=2, hold=True))
+    assert held == [False] + [True] * 5
+    measured, never = epochs_run(otc.OTCCLIPConfig(rematch=False, rematch_start=2, rematch_every=2))
+    assert never == [False] * 6 and [e["epoch"] for e in measured.events] == [2, 4]
+    assert not any(e["applied"] for e in measured.events)
+    with torch.no_grad():
+        x = corpus.images([0, 1])
+        ids = tiny.tokenizer(corpus.texts[:2])
+        img, txt, scale = otc.TokenCLIP(tiny)(x, ids)
+        assert torch.allclose(img.tokens, image_tokens(tiny, x).tokens) and torch.equal(txt.mask, text_tokens(tiny, ids).mask)
+    with pytest.raises(RClipError, match="exceed"):
+        otc.OTCCLIPTrainer(tiny, corpus, schedule, otc.OTCCLIPConfig(matching=RematchConfig(k=40)))

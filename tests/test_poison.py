@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from rclip import world
-from rclip.attacks.poison import (BackdoorConfig, TargetedPoisonConfig, Trigger, attack_success_rate,
-                                  backdoor_poison, backdoor_test_images, class_captions, spec_label, targeted_poison)
+from rclip.attacks.poison import (BackdoorConfig, GroundTruth, TargetedPoisonConfig, Trigger, attack_success_rate,
+                                  backdoor_poison, backdoor_test_images, class_captions, spec_label, targeted_poison,
+                                  threat_report)
 from rclip.errors import RClipError
 
 
@@ -128,3 +129,76 @@ def test_backdoor_test_images_and_asr():
         backdoor_test_images(x[:1], y[:1], trig, 0)
     with pytest.raises(RClipError, match="empty"):
         attack_success_rate(torch.tensor([]), 0)
+
+
+def test_stacked_attacks_poison_disjoint_pairs_and_keep_every_layer(base):
+    patch = Trigger("patch", patch_size=4, seed=1)
+    blend = Trigger("blend", alpha=0.3, seed=2)
+    first = backdoor_poison(base, BackdoorConfig(trigger=patch, task="texture", target_label=1, n_poison=5,
+                                                 poison_rate=None, seed=1))
+    second = backdoor_poison(first, BackdoorConfig(trigger=blend, task="texture", target_label=4, n_poison=6,
+                                                   poison_rate=None, seed=2))
+    ds = targeted_poison(second, TargetedPoisonConfig(task="colour", n_targets=2, captions_per_target=3, seed=3))
+    n = len(base)
+    assert ds.layers() == [first, second, ds] and len(ds) == n + 6
+    assert not (first.own & second.own[:n]).any() and int(ds.poisoned.sum()) == 5 + 6 + 6
+    assert torch.equal(ds.poisoned, torch.cat([first.own | second.own, torch.ones(6, dtype=torch.bool)]))
+    assert (ds.adversarial_label[first.poison_index] == 1).all() and (ds.adversarial_label[second.poison_index] == 4).all()
+    # each image carries exactly its own layer's trigger (applied to the clean render)
+    clean = base.__getitems__(list(range(n)))
+    got = ds.__getitems__(list(range(n)))
+    p_rows, b_rows = first.poison_index.tolist(), second.poison_index.tolist()
+    assert torch.equal(got["images"][p_rows], patch.apply(clean["images"][p_rows], p_rows))
+    assert torch.equal(got["images"][b_rows], blend.apply(clean["images"][b_rows]))
+    untouched = ~ds.poisoned[:n]
+    assert torch.equal(got["images"][untouched], clean["images"][untouched])
+    # owners and "would this caption still teach the attack", across layers and the appended captions
+    assert ds.owner(p_rows[0]) is first and ds.owner(b_rows[0]) is second and ds.owner(n) is ds
+    assert ds.owner(int(untouched.nonzero()[0])) is None
+    assert ds.keeps_poison(p_rows[0], p_rows[1]) and not ds.keeps_poison(p_rows[0], b_rows[0])
+    assert ds.keeps_poison(n, n + 1) and not ds.keeps_poison(n, n + 3)     # target 0's captions vs target 1's
+    assert ds.caption_mentions == ("size", "colour", "shape", "texture", "position")
+
+
+def test_ground_truth_equals_the_corpus_answers(base):
+    ds = targeted_poison(backdoor_poison(base, BackdoorConfig(task="colour", target_label=2, n_poison=4,
+                                                              poison_rate=None)),
+                         TargetedPoisonConfig(task="colour", n_targets=1, captions_per_target=4))
+    truth = GroundTruth(ds)
+    for i in range(len(ds)):
+        for j in range(0, len(ds), 3):
+            assert truth.describes(i, j) == ds.describes(i, j)
+            assert truth.keeps_poison(i, j) == ds.keeps_poison(i, j)
+
+
+def test_poison_captions_speak_the_corpus_language():
+    from rclip.data.pairs import FocusedWorldPairs
+
+    focused = FocusedWorldPairs(30, mentions=("colour", "texture"))
+    ds = backdoor_poison(focused, BackdoorConfig(task="texture", target_label=3, n_poison=10, poison_rate=None))
+    for i in ds.poison_index.tolist():
+        spec = ds.pair(i)[1].spec
+        assert spec.texture == 3 and spec.shape is None and spec.size is None and spec.position is None
+    caps = class_captions("colour", 1, 20, extras=("texture",))
+    assert all(c.spec.colour == 1 and c.spec.shape is None and c.spec.size is None for c in caps)
+
+
+def test_threat_report_equals_the_zero_shot_predictions(tiny, base):
+    from rclip import zeroshot
+
+    trig = Trigger("patch", patch_size=5, seed=4)
+    ds = targeted_poison(backdoor_poison(base, BackdoorConfig(trigger=trig, task="colour", target_label=2,
+                                                              n_poison=3, poison_rate=None)),
+                         TargetedPoisonConfig(task="colour", n_targets=3, captions_per_target=2))
+    report = threat_report(tiny, ds, n_test=24)
+    assert set(report) == {"patch 5px", "targeted"}
+    task = world.zeroshot_task("colour", split="test", n=24, resolution=32, seed=3)
+    clf = zeroshot.zeroshot_classifier(tiny, task)
+    x, y = task.tensors()
+    xt, _ = backdoor_test_images(x, y, trig, 2)
+    assert report["patch 5px"]["asr"] == pytest.approx(100 * (zeroshot.predict(clf, xt) == 2).float().mean().item())
+    assert report["patch 5px"]["n"] == int((y != 2).sum()) and report["patch 5px"]["target"] == 2
+    images, labels, adv = ds.target_images()
+    pred = zeroshot.predict(clf, images)
+    assert report["targeted"]["asr"] == pytest.approx(100 * (pred == adv).float().mean().item())
+    assert report["targeted"]["base_rate"] == pytest.approx(100 * (pred == labels).float().mean().item())

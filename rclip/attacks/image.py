@@ -92,16 +92,19 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
 
 
 def ascend(objective, images: torch.Tensor, eps: float, *, steps: int, alpha: float, random_start: bool = True,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
     """The PGD loop for any objective: ``steps`` sign-gradient ascent steps of size ``alpha`` on
     ``objective(adv) -> scalar``, each projected to the L-inf ``eps``-ball around ``images`` and to [0, 1].
 
     images: one batch (B, 3, H, W) in [0, 1]; the random start (uniform in the ball) is drawn on the CPU from
-    ``generator``. Returns the detached adversarial batch. Callers set eval mode / fp32 (see :func:`pgd`).
+    ``generator``. ``start``: an explicit starting point instead (e.g. Co-Attack's one-sided start), projected to
+    the ball and [0, 1]. Returns the detached adversarial batch. Callers set eval mode / fp32 (see :func:`pgd`).
     """
     x = images.detach()
     adv = x.clone()
-    if random_start:
+    if start is not None:
+        adv = (x + (start.detach().to(x.device, x.dtype) - x).clamp(-eps, eps)).clamp(0, 1)
+    elif random_start:
         noise = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
         adv = (x + noise.to(x.device, x.dtype)).clamp(0, 1)
     for _ in range(steps):

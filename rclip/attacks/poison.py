@@ -17,6 +17,13 @@ A caption of the adversarial/target class is a true caption of a fresh scene of 
 (:func:`class_captions`), so its wording is as varied as the clean captions'. Ground truth for defenses:
 ``describes(i, j)`` (does caption ``j`` truly describe image ``i``'s scene; a trigger does not change the scene) and
 ``keeps_poison(i, j)`` (would pairing poisoned image ``i`` with caption ``j`` still teach the attack).
+
+Attacks stack: the ``base`` of an attack may itself be a poisoned corpus (e.g. a BadNets backdoor, then a blended
+one on other pairs, then targeted poison appended), so one pre-training run faces every threat at once. Each layer
+poisons only pairs the layers below left clean; :meth:`PoisonedPairs.layers` lists them, innermost first.
+:class:`GroundTruth` reads a corpus's truth once for scoring whole re-matchings; :func:`threat_report` measures
+every layer's ASR against a model. At paper scale, :class:`PoisonedCorpus` mounts the same attacks on any
+image–caption corpus (class captions from a zero-shot task's templates; no scene ground truth).
 """
 from __future__ import annotations
 
@@ -51,15 +58,20 @@ def spec_label(task: str, spec: CaptionSpec) -> int | None:
     return getattr(spec, t.name)
 
 
-def class_caption(task: str, label: int, rng: np.random.Generator, max_tries: int = 100) -> Caption:
+#: The attributes a class caption may mention besides its class, unless the corpus says otherwise.
+EXTRA_MENTIONS = ("size", "colour", "shape", "texture", "position")
+
+
+def class_caption(task: str, label: int, rng: np.random.Generator, max_tries: int = 100,
+                  extras: tuple[str, ...] = EXTRA_MENTIONS) -> Caption:
     """One caption stating class ``label`` of ``task``: a true caption of a fresh scene of that class, mentioning
-    the class attribute(s) and, at random, others (size, colour, shape, texture, position)."""
+    the class attribute(s) and, at random, some of ``extras`` (a corpus's own caption vocabulary)."""
     t = _task(task)
     if not 0 <= label < len(t.classnames):
         raise RClipError(f"label {label} is not a class of world task {task!r} (0..{len(t.classnames) - 1})")
     for _ in range(max_tries):
         scene = sample_scene(rng, **t.constraints(label, distractors=0))
-        extra = [a for a in ("size", "colour", "shape", "texture", "position") if rng.random() < 0.5]
+        extra = [a for a in extras if rng.random() < 0.5]
         mentions = tuple(m for m in dict.fromkeys([*t.mentions, *extra]) if m != "count")
         caption = caption_scene(scene, rng, mentions)
         if spec_label(task, caption.spec) == label:
@@ -67,10 +79,11 @@ def class_caption(task: str, label: int, rng: np.random.Generator, max_tries: in
     raise RuntimeError(f"no caption stating {task}/{label} in {max_tries} tries")
 
 
-def class_captions(task: str, label: int, n: int, *, seed: int = 0, stream: str = "poison/captions"
-                   ) -> list[Caption]:
+def class_captions(task: str, label: int, n: int, *, seed: int = 0, stream: str = "poison/captions",
+                   extras: tuple[str, ...] = EXTRA_MENTIONS) -> list[Caption]:
     """``n`` captions stating class ``label`` (caption ``c`` from its own generator: random access, seeded)."""
-    return [class_caption(task, label, scene_rng(seed, f"{stream}/{task}/{label}", c)) for c in range(n)]
+    return [class_caption(task, label, scene_rng(seed, f"{stream}/{task}/{label}", c), extras=extras)
+            for c in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -152,16 +165,19 @@ class PoisonedPairs(Dataset):
     """A poisoned view of a :class:`~rclip.world.WorldPairs` corpus, generated on demand like it.
 
     Attributes:
-        base: the clean corpus. task: the world task whose classes the attack uses.
-        poisoned: (N,) bool, which pairs the attacker made. adversarial_label: (N,) long, the class a poisoned
-            pair teaches (-1 for clean pairs).
+        base: the corpus attacked: a clean :class:`~rclip.world.WorldPairs` or another poisoned corpus (stacked
+            attacks). task: the world task whose classes this attack uses.
+        poisoned: (N,) bool, which pairs any attacker made (this layer's and the base's). own: (N,) bool, which
+            pairs this layer made. adversarial_label: (N,) long, the class a poisoned pair teaches (-1 for clean
+            pairs).
     Batches (``__getitems__``) are dicts: ``images`` (B, 3, R, R) in [0, 1], ``texts`` (B str), ``index`` (B,),
     ``poisoned`` (B,) bool, so :func:`rclip.train.pretrain` trains on it unchanged.
     """
 
-    base: WorldPairs
+    base: "WorldPairs | PoisonedPairs"
     task: str
     poisoned: torch.Tensor
+    own: torch.Tensor
     adversarial_label: torch.Tensor
 
     def __len__(self) -> int:
@@ -170,6 +186,35 @@ class PoisonedPairs(Dataset):
     @property
     def resolution(self) -> int:
         return self.base.resolution
+
+    @property
+    def seed(self) -> int:
+        return self.base.seed
+
+    @property
+    def caption_mentions(self) -> tuple[str, ...]:
+        """What the corpus's captions may mention (poison captions add only these to their class)."""
+        return tuple(getattr(self.base, "caption_mentions", EXTRA_MENTIONS))
+
+    def layers(self) -> list["PoisonedPairs"]:
+        """The attacks of this corpus, innermost (applied first) to outermost (this one)."""
+        inner = self.base.layers() if isinstance(self.base, PoisonedPairs) else []
+        return [*inner, self]
+
+    def _mark(self, own: torch.Tensor, labels: torch.Tensor) -> None:
+        """Set ``own``, ``poisoned`` and ``adversarial_label`` from this layer's pairs and the base's (the base's
+        pairs are the first ``len(base)``; a layer that appends pairs passes longer tensors)."""
+        n = len(self.base)
+        below = self.base.poisoned if isinstance(self.base, PoisonedPairs) else torch.zeros(n, dtype=torch.bool)
+        below_labels = self.base.adversarial_label if isinstance(self.base, PoisonedPairs) else \
+            torch.full((n,), -1, dtype=torch.long)
+        extra = len(own) - n
+        below = torch.cat([below, torch.zeros(extra, dtype=torch.bool)])
+        below_labels = torch.cat([below_labels, torch.full((extra,), -1, dtype=torch.long)])
+        if (own & below).any():
+            raise AssertionError("a layer poisoned a pair that an attack below it had already poisoned")
+        self.own, self.poisoned = own, own | below
+        self.adversarial_label = torch.where(own, labels, below_labels)
 
     def pair(self, i: int) -> tuple[Scene, Caption]:
         """(scene, caption) of pair ``i``; for a backdoored pair the image also carries the trigger."""
@@ -197,6 +242,14 @@ class PoisonedPairs(Dataset):
         return {k: v[0] for k, v in batch.items()}
 
     def _finish(self, images: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """Post-render edits of the base's pairs among ``indices`` (their triggers); subclasses add their own."""
+        if not isinstance(self.base, PoisonedPairs):
+            return images
+        rows = [r for r, i in enumerate(indices) if i < len(self.base)]
+        if not rows:
+            return images
+        images = images.clone()
+        images[rows] = self.base._finish(images[rows], [indices[r] for r in rows])
         return images
 
     def _check(self, i: int) -> int:
@@ -210,9 +263,45 @@ class PoisonedPairs(Dataset):
 
     def keeps_poison(self, image: int, caption: int) -> bool:
         """Would pairing image ``image`` with caption ``caption`` still teach the attack? False for a clean image;
-        for a poisoned one, True iff the caption states the pair's adversarial class."""
-        label = int(self.adversarial_label[image])
-        return label >= 0 and spec_label(self.task, self.pair(caption)[1].spec) == label
+        for a poisoned one, True iff the caption states the pair's adversarial class (in the task of the attack
+        that poisoned it)."""
+        owner = self.owner(image)
+        if owner is None:
+            return False
+        return spec_label(owner.task, self.pair(caption)[1].spec) == int(self.adversarial_label[image])
+
+    def owner(self, i: int) -> "PoisonedPairs | None":
+        """The attack layer that poisoned pair ``i`` (None for a clean pair)."""
+        for layer in self.layers():
+            if i < len(layer.own) and layer.own[i]:
+                return layer
+        return None
+
+
+class GroundTruth:
+    """The ground truth of a poisoned corpus, read once: ``describes(i, j)`` and ``keeps_poison(i, j)`` as in
+    :class:`PoisonedPairs`, without re-generating pairs on every call (for scoring whole re-matchings)."""
+
+    def __init__(self, dataset: PoisonedPairs):
+        pairs = [dataset.pair(i) for i in range(len(dataset))]
+        self.scenes = [scene for scene, _ in pairs]
+        self.specs = [caption.spec for _, caption in pairs]
+        self.adversarial_label = dataset.adversarial_label.tolist()
+        owners = [dataset.owner(i) if dataset.poisoned[i] else None for i in range(len(dataset))]
+        self.task = [o.task if o is not None else None for o in owners]
+        self._labels: dict[tuple[str, int], int | None] = {}
+
+    def describes(self, image: int, caption: int) -> bool:
+        return self.specs[caption].matches(self.scenes[image])
+
+    def keeps_poison(self, image: int, caption: int) -> bool:
+        task = self.task[image]
+        if task is None:
+            return False
+        key = (task, caption)
+        if key not in self._labels:
+            self._labels[key] = spec_label(task, self.specs[caption])
+        return self._labels[key] == self.adversarial_label[image]
 
 
 @dataclass(frozen=True)
@@ -241,7 +330,7 @@ class TargetedPoisonPairs(PoisonedPairs):
     their true classes; ``target_adversarial`` (T,) the classes the attack wants (see :meth:`target_images`).
     """
 
-    def __init__(self, base: WorldPairs, config: TargetedPoisonConfig):
+    def __init__(self, base: "WorldPairs | PoisonedPairs", config: TargetedPoisonConfig):
         t = _task(config.task)
         k = len(t.classnames)
         if config.n_targets < 1:
@@ -275,9 +364,8 @@ class TargetedPoisonPairs(PoisonedPairs):
         self.target_label = torch.as_tensor(true, dtype=torch.long)
         self.target_adversarial = torch.as_tensor(adv, dtype=torch.long)
         n, n_poison = len(base), per * config.n_targets
-        self.poisoned = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n_poison, dtype=torch.bool)])
-        self.adversarial_label = torch.cat([torch.full((n,), -1, dtype=torch.long),
-                                            self.target_adversarial.repeat_interleave(per)])
+        self._mark(torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n_poison, dtype=torch.bool)]),
+                   torch.cat([torch.full((n,), -1, dtype=torch.long), self.target_adversarial.repeat_interleave(per)]))
         self._targets = WorldLabelled(t.name, int(index.max()) + 1, split="test", resolution=base.resolution,
                                       seed=base.seed)
 
@@ -289,7 +377,8 @@ class TargetedPoisonPairs(PoisonedPairs):
         t, c = divmod(i - n, self.per_target)
         label = int(self.target_adversarial[t])
         rng = scene_rng(self.config.seed, f"poison/targeted/{self.task}/{t}", c)
-        return self._targets.scene(int(self.target_index[t])), class_caption(self.task, label, rng)
+        return self._targets.scene(int(self.target_index[t])), class_caption(self.task, label, rng,
+                                                                             extras=self.caption_mentions)
 
     def target_images(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The targets for ASR: images (T, 3, R, R), true labels (T,), adversarial labels (T,)."""
@@ -315,7 +404,7 @@ class BackdoorConfig:
 class BackdoorPairs(PoisonedPairs):
     """The clean corpus with ``poison_index`` (P,) pairs replaced: triggered image, caption of the target class."""
 
-    def __init__(self, base: WorldPairs, config: BackdoorConfig):
+    def __init__(self, base: "WorldPairs | PoisonedPairs", config: BackdoorConfig):
         t = _task(config.task)
         if not 0 <= config.target_label < len(t.classnames):
             raise RClipError(f"target_label {config.target_label} is not a class of {t.name} "
@@ -330,39 +419,160 @@ class BackdoorPairs(PoisonedPairs):
             if not 0 < config.poison_rate < 1:
                 raise RClipError(f"poison_rate must be in (0, 1); got {config.poison_rate}")
             n_poison = max(1, round(config.poison_rate * n))
-        if not 1 <= n_poison <= n:
-            raise RClipError(f"n_poison={n_poison} must be between 1 and the {n} pairs of the corpus")
+        eligible = np.arange(n) if not isinstance(base, PoisonedPairs) else (~base.poisoned).nonzero().flatten().numpy()
+        if not 1 <= n_poison <= len(eligible):
+            raise RClipError(f"n_poison={n_poison} must be between 1 and the {len(eligible)} clean pairs of the corpus")
         config.trigger.side(base.resolution)  # fails early if the patch does not fit
         rng = np.random.default_rng([int(config.seed), 0xBAD])
-        index = np.sort(rng.choice(n, n_poison, replace=False))
+        index = np.sort(rng.choice(eligible, n_poison, replace=False))
         self.base, self.task, self.config, self.trigger = base, t.name, config, config.trigger
         self.poison_index = torch.as_tensor(index, dtype=torch.long)
-        self.poisoned = torch.zeros(n, dtype=torch.bool)
-        self.poisoned[self.poison_index] = True
-        self.adversarial_label = torch.where(self.poisoned, config.target_label, -1)
+        own = torch.zeros(n, dtype=torch.bool)
+        own[self.poison_index] = True
+        self._mark(own, torch.full((n,), config.target_label, dtype=torch.long))
 
     def pair(self, i: int) -> tuple[Scene, Caption]:
         i = self._check(int(i))
         scene, caption = self.base.pair(i)
-        if self.poisoned[i]:
+        if self.own[i]:
             rng = scene_rng(self.config.seed, f"poison/backdoor/{self.task}", i)
-            caption = class_caption(self.task, self.config.target_label, rng)
+            caption = class_caption(self.task, self.config.target_label, rng, extras=self.caption_mentions)
         return scene, caption
 
     def _finish(self, images: torch.Tensor, indices: list[int]) -> torch.Tensor:
-        rows = [r for r, i in enumerate(indices) if self.poisoned[i]]
+        images = super()._finish(images, indices)
+        rows = [r for r, i in enumerate(indices) if self.own[i]]
         if rows:
             images = images.clone()
             images[rows] = self.trigger.apply(images[rows], [indices[r] for r in rows])
         return images
 
 
-def targeted_poison(base: WorldPairs, config: TargetedPoisonConfig | None = None) -> TargetedPoisonPairs:
+# ----------------------------------------------------------------------------------------------------------------
+# Paper scale: any image–caption corpus
+# ----------------------------------------------------------------------------------------------------------------
+
+class _TargetedLayer:
+    """Targeted poisoning inside a :class:`PoisonedCorpus` (what :func:`threat_report` reads)."""
+
+    def __init__(self, task_name: str, images: torch.Tensor, labels: torch.Tensor, adversarial: torch.Tensor,
+                 first: int):
+        self.task, self._images, self._labels, self._adversarial = task_name, images, labels, adversarial
+        self.first = first                   # the first pair this attack made
+
+    def target_images(self):
+        return self._images, self._labels.clone(), self._adversarial.clone()
+
+
+class _BackdoorLayer:
+    def __init__(self, task_name: str, config: BackdoorConfig, first: int):
+        self.task, self.config, self.trigger, self.first = task_name, config, config.trigger, first
+
+
+class PoisonedCorpus(Dataset):
+    """Targeted poisoning and backdoors on any image–caption corpus (paper scale: no scene ground truth).
+
+    base: a corpus with ``texts`` and ``__getitems__`` (e.g. :class:`rclip.data.pairs.FilePairs`); task: the
+    zero-shot task whose classes the attacks use (its test images are the targets; class captions are its templates
+    filled with the class name, the papers' "a photo of a <class>"). backdoors: configs whose ``task`` is ignored
+    (the task is ``task``), applied in order to pairs still clean; targeted: appended poison pairs. ``poisoned``,
+    ``adversarial_label``, ``layers()`` and ``keeps_poison`` mean what they mean on :class:`PoisonedPairs`;
+    ``keeps_poison(i, j)`` is True when caption j is a caption of poisoned image i's adversarial class.
+    """
+
+    def __init__(self, base, task, *, backdoors=(), targeted: TargetedPoisonConfig | None = None):
+        n, k = len(base), len(task.classnames)
+        self.base, self.zeroshot = base, task
+        self.task = task.name
+        self.poisoned = torch.zeros(n, dtype=torch.bool)
+        self.adversarial_label = torch.full((n,), -1, dtype=torch.long)
+        self._texts = list(base.texts)
+        self._triggers: dict[int, Trigger] = {}
+        self._layers: list = []
+        for cfg in backdoors:
+            if not 0 <= cfg.target_label < k:
+                raise RClipError(f"backdoor target_label {cfg.target_label} is not a class of {task.name} (0..{k - 1})")
+            eligible = (~self.poisoned).nonzero().flatten().numpy()
+            count = int(cfg.n_poison) if cfg.n_poison is not None else max(1, round(cfg.poison_rate * n))
+            if not 1 <= count <= len(eligible):
+                raise RClipError(f"a backdoor of {count} pairs does not fit the {len(eligible)} clean pairs")
+            rng = np.random.default_rng([int(cfg.seed), 0xBAD])
+            chosen = np.sort(rng.choice(eligible, count, replace=False)).tolist()
+            for i in chosen:
+                self.poisoned[i], self.adversarial_label[i] = True, cfg.target_label
+                self._triggers[i] = cfg.trigger
+                self._texts[i] = self.class_text(cfg.target_label, rng)
+            self._layers.append(_BackdoorLayer(task.name, cfg, chosen[0]))
+        self._targets = torch.zeros(0, dtype=torch.long)
+        if targeted is not None:
+            rng = np.random.default_rng([int(targeted.seed), 0x7A26])
+            pool = min(targeted.target_pool, len(task))
+            if pool < targeted.n_targets:
+                raise RClipError(f"{task.name} has {pool} test images for {targeted.n_targets} targets")
+            index = np.sort(rng.choice(pool, targeted.n_targets, replace=False))
+            images, labels = zip(*(task.dataset[int(j)] for j in index))
+            labels = torch.as_tensor(labels, dtype=torch.long)
+            adversarial = (labels + torch.as_tensor(rng.integers(1, k, size=len(labels)))) % k \
+                if targeted.adversarial_label is None else torch.full_like(labels, targeted.adversarial_label)
+            per = targeted.captions_per_target or max(1, round(targeted.poison_rate * n / targeted.n_targets))
+            self._target_images = torch.stack(list(images))
+            self._targets = torch.arange(targeted.n_targets).repeat_interleave(per)
+            self._texts += [self.class_text(int(adversarial[t]), rng) for t in self._targets.tolist()]
+            self.poisoned = torch.cat([self.poisoned, torch.ones(len(self._targets), dtype=torch.bool)])
+            self.adversarial_label = torch.cat([self.adversarial_label, adversarial[self._targets]])
+            self._layers.append(_TargetedLayer(task.name, self._target_images, labels, adversarial, n))
+        self.texts = self._texts
+        self._class_texts = [{t.format(c) for t in task.templates} for c in task.classnames]
+
+    def class_text(self, label: int, rng: np.random.Generator) -> str:
+        """A caption of class ``label``: one of the task's templates, filled."""
+        return self.zeroshot.templates[int(rng.integers(len(self.zeroshot.templates)))].format(
+            self.zeroshot.classnames[label])
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.zeroshot.dataset[0][0].shape[-1])
+
+    def layers(self) -> list:
+        return list(self._layers)
+
+    def keeps_poison(self, image: int, caption: int) -> bool:
+        label = int(self.adversarial_label[image])
+        return label >= 0 and self.texts[caption] in self._class_texts[label]
+
+    def images(self, indices) -> torch.Tensor:
+        return self.__getitems__(indices)["images"]
+
+    def __getitems__(self, indices) -> dict:
+        idx = [int(i) for i in indices]
+        n = len(self.base)
+        own = [i for i in idx if i < n]
+        loaded = dict(zip(own, self.base.__getitems__(own)["images"])) if own else {}
+        images = []
+        for i in idx:
+            if i >= n:
+                images.append(self._target_images[int(self._targets[i - n])])
+            elif i in self._triggers:
+                images.append(self._triggers[i].apply(loaded[i][None], [i])[0])
+            else:
+                images.append(loaded[i])
+        return {"images": torch.stack(images), "texts": [self.texts[i] for i in idx],
+                "index": torch.as_tensor(idx, dtype=torch.long), "poisoned": self.poisoned[idx]}
+
+    def __getitem__(self, i: int) -> dict:
+        batch = self.__getitems__([i])
+        return {k: v[0] for k, v in batch.items()}
+
+
+def targeted_poison(base: "WorldPairs | PoisonedPairs", config: TargetedPoisonConfig | None = None) -> TargetedPoisonPairs:
     """Carlini–Terzis targeted poisoning of ``base`` (see :class:`TargetedPoisonConfig`)."""
     return TargetedPoisonPairs(base, config or TargetedPoisonConfig())
 
 
-def backdoor_poison(base: WorldPairs, config: BackdoorConfig | None = None) -> BackdoorPairs:
+def backdoor_poison(base: "WorldPairs | PoisonedPairs", config: BackdoorConfig | None = None) -> BackdoorPairs:
     """A BadNets-patch or blended backdoor on ``base`` (see :class:`BackdoorConfig`)."""
     return BackdoorPairs(base, config or BackdoorConfig())
 
@@ -393,6 +603,55 @@ def attack_success_rate(predictions: torch.Tensor, adversarial_labels: torch.Ten
     return float((predictions == target).float().mean())
 
 
+def threat_report(bundle, dataset: "PoisonedPairs | PoisonedCorpus", *, n_test: int = 400, batch_size: int = 256
+                  ) -> dict:
+    """Attack success rates of every attack in ``dataset`` (a poisoned corpus, stacked or not) against ``bundle``,
+    with zero-shot classifiers built from each attack task's templates.
+
+    Per attack layer (named ``targeted``, ``patch <side>px`` or ``blend <alpha>``, with ``_2``… on repeats) a
+    dict: ``task``, ``target`` (the backdoor's target class; -1 for targeted), ``asr`` (%) —
+    targeted: target images classified top-1 as their adversarial class; backdoor: triggered test images (the first
+    ``n_test`` of the task's test split, those not of the target class) classified as the target class — and
+    ``base_rate`` (%) — targeted: the share of targets classified as their true class; backdoor: the share of the
+    same test images *without* the trigger classified as the target class (what the trigger must beat) — and ``n``.
+    """
+    from rclip import zeroshot
+    from rclip.world.tasks import zeroshot_task
+
+    def test_task(name, n):
+        if isinstance(dataset, PoisonedCorpus):           # paper scale: the corpus's own zero-shot task
+            return dataset.zeroshot
+        return zeroshot_task(name, split="test", n=n, resolution=dataset.resolution, seed=dataset.seed)
+
+    out: dict[str, dict] = {}
+    classifiers: dict[str, torch.nn.Module] = {}
+    for layer in dataset.layers():
+        if layer.task not in classifiers:
+            classifiers[layer.task] = zeroshot.zeroshot_classifier(bundle, test_task(layer.task, 1))
+        clf = classifiers[layer.task]
+        if hasattr(layer, "target_images"):
+            images, labels, adversarial = layer.target_images()
+            pred = zeroshot.predict(clf, images, batch_size)
+            name, entry = "targeted", {"asr": 100 * attack_success_rate(pred, adversarial),
+                                       "base_rate": 100 * attack_success_rate(pred, labels), "n": len(images)}
+        else:
+            x, y = test_task(layer.task, n_test).tensors(n_test)
+            triggered, _ = backdoor_test_images(x, y, layer.trigger, layer.config.target_label)
+            clean = x[y != layer.config.target_label]
+            trig = layer.trigger
+            name = f"patch {trig.side(dataset.resolution)}px" if trig.kind == "patch" else f"blend {trig.alpha:g}"
+            entry = {"asr": 100 * attack_success_rate(zeroshot.predict(clf, triggered, batch_size),
+                                                      layer.config.target_label),
+                     "base_rate": 100 * attack_success_rate(zeroshot.predict(clf, clean, batch_size),
+                                                            layer.config.target_label), "n": len(triggered)}
+        key, k = name, 2
+        while key in out:
+            key, k = f"{name}_{k}", k + 1
+        target = -1 if hasattr(layer, "target_images") else int(layer.config.target_label)
+        out[key] = {"task": layer.task, "target": target, **entry}
+    return out
+
+
 def _task(name: str) -> TaskDef:
     if name not in TASKS:
         raise RClipError(f"unknown world task {name!r}; choose one of {', '.join(TASKS)}")
@@ -401,4 +660,4 @@ def _task(name: str) -> TaskDef:
 
 __all__ = ["Trigger", "PoisonedPairs", "TargetedPoisonConfig", "TargetedPoisonPairs", "BackdoorConfig",
            "BackdoorPairs", "targeted_poison", "backdoor_poison", "backdoor_test_images", "attack_success_rate",
-           "class_caption", "class_captions", "spec_label"]
+           "class_caption", "class_captions", "spec_label", "threat_report", "GroundTruth", "PoisonedCorpus"]

@@ -15,6 +15,8 @@ The functions here turn that mapping into the objects notebooks use, with the sa
 """
 from __future__ import annotations
 
+import torch
+
 from rclip.data.base import ZeroShotTask
 from rclip.data.classification import zeroshot_dataset
 from rclip.errors import RClipError
@@ -69,6 +71,37 @@ def paper_tasks(inputs: dict | None, transform, *, names=None, n: int | None = N
                          f"(given: {sorted(roots) or 'none'})")
     return {x: zeroshot_dataset(CLASSIFICATION_SETS[x], roots[x], transform, split=split, limit=n,
                                 descriptions=descriptions.get(x)) for x in names}
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """Batches ``{"images" (B, 3, S, S), "labels" (B,), "index" (B,)}`` from a dataset of (image, label) items,
+    the form :func:`rclip.train.fit`'s fine-tuning losses read (as :class:`rclip.world.WorldLabelled` gives)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitems__(self, indices):
+        images, labels = zip(*(self.items[int(i)] for i in indices))
+        return {"images": torch.stack(list(images)), "labels": torch.as_tensor(labels, dtype=torch.long),
+                "index": torch.as_tensor([int(i) for i in indices], dtype=torch.long)}
+
+
+def paper_finetune_set(inputs: dict | None, transform, *, n: int | None = None, key: str = "imagenet_train"):
+    """The labelled training set ``inputs.datasets.<key>`` names (an ImageNet-style folder, ``root/<class>/<img>``,
+    with an optional ``classnames.json``), for adversarial fine-tuning at paper scale.
+
+    Returns (dataset of batches {"images", "labels", "index"}, the folder as a ZeroShotTask: class names and
+    templates). ``n``: evenly spaced images kept (None = all)."""
+    inputs = _require(inputs)
+    root = (inputs.get("datasets") or {}).get(key)
+    if not root:
+        raise RClipError(f"inputs.datasets.{key} is not set: give an ImageNet-style training folder "
+                         f"(root/<class>/<image>, e.g. ImageNet's train/) in profiles/paper.yml")
+    task = zeroshot_dataset("imagefolder", root, transform, limit=n)
+    return LabelledImages(task.dataset), task
 
 
 def robust_models(inputs: dict | None, device="cpu") -> dict:

@@ -15,10 +15,20 @@ Only the abstract is public (see ``OTCCLIP_NOTES.md``); what follows is our read
 * **Caption re-matching.** Each image's candidates are its top-k captions of a pool by global cosine (chunked, so
   memory stays bounded); the image is re-assigned the candidate with the smallest OT distance (``method="ot"``),
   or the most similar one by global cosine alone (``method="global"``, RoCLIP's nearest neighbour).
-* **Alignment objectives.** Inter-modality: the OT distance between the patches and tokens of matched pairs;
-  intra-modality: between an image's patches and its augmented view's, and a caption's tokens and its augmented
-  version's. The plan is not detached (UNITER/PLOT detach it): :func:`rclip.ot.sinkhorn` differentiates <P*, C>
-  exactly by implicit differentiation, at one small linear solve per pair.
+* **Alignment objectives.** Inter-modality: patches ↔ words of matched pairs; intra-modality: an image's patches ↔
+  its augmented view's, a caption's words ↔ its EDA version's. By default each is contrastive on OT distances
+  (:func:`ot_contrastive_loss`: InfoNCE on -d / τ, the partner against a few other sets of the batch), because the
+  mean OT distance of matched sets alone (``objective="distance"``) is minimised by collapsing every token onto
+  one vector. The plan is not detached (UNITER/PLOT detach it): :func:`rclip.ot.sinkhorn` differentiates <P*, C>
+  by implicit differentiation, at one small linear solve per pair (exact at convergence).
+* **Training** (:class:`OTCCLIPTrainer`, run by :func:`rclip.methods.poison_defenses.defended_clip`). At epoch
+  ``rematch_start`` and every ``rematch_every`` epochs after it, every image of the corpus is re-assigned a caption
+  of the corpus by OT re-matching (:func:`rematch_corpus`, chunked so memory stays bounded). As in RoCLIP, whose
+  framework OTCCLIP improves, the re-matched pairs are trained on in that epoch and the original pairs in the
+  epochs between (``hold=True`` keeps the re-matched pairs until the next re-matching); the assignment is part of
+  the checkpointed state. Each batch minimises the CLIP loss of (image, assigned caption) plus the weighted OT
+  objectives. At every re-matching the trainer also records, on the same candidate pools, the caption global
+  matching would pick, so both can be scored against the world's ground truth.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rclip.errors import RClipError
+from rclip.methods.poison_defenses import Trainer, augment_images, augment_texts, masked_contrastive
 from rclip.ot import sinkhorn
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,17 +342,20 @@ def rematch_captions(images: TokenFeatures, captions: TokenFeatures, config: Rem
 
 def rematch_report(assigned: torch.Tensor, describes: Callable[[int, int], bool], *,
                    poisoned: torch.Tensor | None = None, keeps_poison: Callable[[int, int], bool] | None = None,
-                   original: torch.Tensor | None = None) -> dict:
+                   original: torch.Tensor | None = None, candidates: torch.Tensor | None = None) -> dict:
     """Ground-truth quality of a re-matching (image i was assigned caption ``assigned[i]``).
 
     describes(i, j): is caption j a true description of image i (world: ``spec.matches(scene)``, or
     :meth:`rclip.attacks.poison.PoisonedPairs.describes`). poisoned: (B,) bool, the images of poisoned pairs.
     keeps_poison(i, j): would pairing poisoned image i with caption j still teach the attack (default: not a true
-    description). original: (B,) each image's caption before re-matching.
+    description). original: (B,) each image's caption before re-matching. candidates: (B, k) each image's
+    candidate pool.
 
     Returns precision (fraction of true assignments) and n; with ``poisoned``, clean_precision, n_poisoned,
     poisoned_broken (fraction of poisoned images whose new caption no longer teaches the attack) and
-    poisoned_corrected (fraction given a true caption); with ``original``, changed (fraction re-assigned).
+    poisoned_corrected (fraction given a true caption); with ``original``, changed (fraction re-assigned); with
+    ``candidates``, pool_hit (fraction of images with at least one true caption among their candidates: the
+    precision an oracle choosing from the same pools would reach).
     """
     assigned = torch.as_tensor(assigned).tolist()
     if not assigned:
@@ -364,6 +378,11 @@ def rematch_report(assigned: torch.Tensor, describes: Callable[[int, int], bool]
         if len(original) != len(assigned):
             raise RClipError(f"original has {len(original)} entries for {len(assigned)} images")
         report["changed"] = float((original != torch.as_tensor(assigned)).double().mean())
+    if candidates is not None:
+        candidates = torch.as_tensor(candidates).tolist()
+        if len(candidates) != len(assigned):
+            raise RClipError(f"candidates has {len(candidates)} rows for {len(assigned)} images")
+        report["pool_hit"] = sum(any(describes(i, j) for j in row) for i, row in enumerate(candidates)) / len(assigned)
     return report
 
 
@@ -373,11 +392,20 @@ def rematch_report(assigned: torch.Tensor, describes: Callable[[int, int], bool]
 
 @dataclass
 class AlignmentConfig:
-    """Weights of the OT objectives (added to the CLIP loss by the caller) and their OT distance."""
+    """Weights of the OT objectives (added to the CLIP loss by the caller), their OT distance and their form.
+
+    objective: ``"contrastive"`` — InfoNCE on negative OT distances (temperature ``temperature``), each set against
+    its partner and ``negatives`` other sets of the batch (:func:`ot_contrastive_loss`); ``"distance"`` — the mean
+    OT distance of the matched sets alone (:func:`inter_modality_loss`), which has a collapsed minimiser (every
+    token the same vector) and, measured, pulls a CLIP trained from scratch there.
+    """
     inter_weight: float = 1.0
     image_intra_weight: float = 1.0
     text_intra_weight: float = 1.0
     ot: OTConfig = field(default_factory=OTConfig)
+    objective: str = "contrastive"
+    negatives: int = 3
+    temperature: float = 0.1
 
 
 def inter_modality_loss(images: TokenFeatures, texts: TokenFeatures, config: OTConfig | None = None
@@ -394,18 +422,49 @@ def intra_modality_loss(features: TokenFeatures, augmented: TokenFeatures, confi
     return ot_distance(features, augmented, config).mean()
 
 
+def ot_contrastive_loss(x: TokenFeatures, y: TokenFeatures, config: OTConfig | None = None, *, negatives: int = 3,
+                        temperature: float = 0.1) -> torch.Tensor:
+    """Symmetric InfoNCE on OT distances between matched token sets x[i] ↔ y[i] (B sets each), with in-batch
+    negatives: the logits of x[i] are -d(x[i], y[i + s]) / temperature for s = 0..m (indices mod B, m =
+    min(negatives, B - 1)), those of y[j] are -d(x[j - s], y[j]) / temperature; the target is s = 0. Solves
+    B · (m + 1) OT problems, so the cost grows with m, not with B². Returns a scalar."""
+    _same_batch(x, y, "x", "y")
+    if x.tokens.ndim != 3:
+        raise RClipError(f"token sets must be (B, L, D); got {tuple(x.tokens.shape)}")
+    if temperature <= 0 or negatives < 0:
+        raise RClipError(f"temperature must be > 0 and negatives >= 0; got {temperature}, {negatives}")
+    b = len(x)
+    m = min(int(negatives), b - 1)
+    shifts = torch.arange(m + 1, device=x.tokens.device)
+    rows = torch.arange(b, device=x.tokens.device)
+    partner = (rows[:, None] + shifts[None]) % b                                   # (B, m + 1)
+    xs = TokenFeatures(x.tokens[:, None], x.mask[:, None], x.pooled[:, None])
+    d = ot_distance(xs, y[partner], config)                                        # d[i, s] = d(x_i, y_{i+s})
+    target = torch.zeros(b, dtype=torch.long, device=d.device)
+    by_y = d[(rows[:, None] - shifts[None]) % b, shifts[None].expand(b, -1)]      # d(x_{j-s}, y_j)
+    return 0.5 * (F.cross_entropy(-d / temperature, target) + F.cross_entropy(-by_y / temperature, target))
+
+
 def alignment_losses(images: TokenFeatures, texts: TokenFeatures, images_aug: TokenFeatures | None = None,
                      texts_aug: TokenFeatures | None = None, config: AlignmentConfig | None = None
                      ) -> dict[str, torch.Tensor]:
-    """The weighted OT objectives of a batch: ``inter``, ``image_intra``, ``text_intra`` (each unweighted, 0 when
-    its weight is 0 or its augmented input is None) and ``total`` = Σ weight · loss (a scalar tensor)."""
+    """The weighted OT objectives of a batch: ``inter`` (patches ↔ words of matched pairs), ``image_intra``
+    (patches ↔ the augmented view's patches), ``text_intra`` (words ↔ the augmented caption's words), each
+    unweighted and 0 when its weight is 0 or its augmented input is None, and ``total`` = Σ weight · loss."""
     cfg = config or AlignmentConfig()
+    if cfg.objective == "contrastive":
+        def term(x, y):
+            return ot_contrastive_loss(x, y, cfg.ot, negatives=cfg.negatives, temperature=cfg.temperature)
+    elif cfg.objective == "distance":
+        def term(x, y):
+            _same_batch(x, y, "x", "y")
+            return ot_distance(x, y, cfg.ot).mean()
+    else:
+        raise RClipError(f"objective must be 'contrastive' or 'distance'; got {cfg.objective!r}")
     zero = images.tokens.new_zeros(())
-    inter = inter_modality_loss(images, texts, cfg.ot) if cfg.inter_weight else zero
-    image_intra = intra_modality_loss(images, images_aug, cfg.ot) if cfg.image_intra_weight and images_aug \
-        is not None else zero
-    text_intra = intra_modality_loss(texts, texts_aug, cfg.ot) if cfg.text_intra_weight and texts_aug \
-        is not None else zero
+    inter = term(images, texts) if cfg.inter_weight else zero
+    image_intra = term(images, images_aug) if cfg.image_intra_weight and images_aug is not None else zero
+    text_intra = term(texts, texts_aug) if cfg.text_intra_weight and texts_aug is not None else zero
     total = cfg.inter_weight * inter + cfg.image_intra_weight * image_intra + cfg.text_intra_weight * text_intra
     return {"inter": inter, "image_intra": image_intra, "text_intra": text_intra, "total": total}
 
@@ -416,7 +475,165 @@ def _same_batch(x: TokenFeatures, y: TokenFeatures, xname: str, yname: str) -> N
                          f"{tuple(x.tokens.shape[:-2])} vs {tuple(y.tokens.shape[:-2])}")
 
 
-__all__ = ["TokenFeatures", "token_set", "image_tokens", "text_tokens", "encode_image_tokens", "encode_text_tokens",
+# ----------------------------------------------------------------------------------------------------------------
+# Re-matching a whole corpus, chunked
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def rematch_corpus(bundle, corpus, config: RematchConfig | None = None, *, image_chunk: int = 1024,
+                   text_batch: int = 512) -> Rematch:
+    """Re-match every image of ``corpus`` (``__getitems__`` -> images; ``texts``: the caption pool) with a caption of
+    the same corpus, in eval mode, with memory bounded by the chunk sizes rather than the corpus size.
+
+    The pool's global text embeddings (N, D) are computed once; then, ``image_chunk`` images at a time, their patch
+    tokens and global embeddings, their top-k captions by global cosine (scanning the pool ``config.chunk_size`` at
+    a time), the word tokens of just those candidates, and the OT distances (``config.batch_size`` images per
+    batched solve). ``method="global"`` skips the token work. Returns a :class:`Rematch` over the whole corpus
+    (``distance`` None for global), on the CPU.
+    """
+    cfg = config or RematchConfig()
+    if cfg.method not in ("ot", "global"):
+        raise RClipError(f"method must be 'ot' (OTCCLIP) or 'global' (RoCLIP); got {cfg.method!r}")
+    texts = list(corpus.texts)
+    if not texts:
+        raise RClipError("the caption pool is empty")
+    was_training = bundle.model.training
+    bundle.model.eval()
+    try:
+        pool = torch.cat([bundle.encode_texts(texts[i:i + text_batch]).float()
+                          for i in range(0, len(texts), text_batch)])
+        parts = []
+        for lo in range(0, len(corpus), image_chunk):
+            images = corpus.__getitems__(list(range(lo, min(len(corpus), lo + image_chunk))))["images"]
+            feats = encode_image_tokens(bundle, images, batch_size=256) if cfg.method == "ot" else None
+            pooled = feats.pooled if feats is not None else bundle.encode_images(images).float().cpu()
+            sims, cand = topk_similar(pooled.to(pool.device), pool, cfg.k, chunk_size=cfg.chunk_size)
+            sims, cand = sims.cpu(), cand.cpu()
+            if cfg.method == "global":
+                parts.append((cand[:, 0].clone(), cand, sims, None))
+                continue
+            unique, local = cand.unique(return_inverse=True)             # encode only the candidates
+            words = encode_text_tokens(bundle, [texts[j] for j in unique.tolist()], batch_size=text_batch)
+            dist = candidate_distances(feats, words, local, cfg.ot, batch_size=cfg.batch_size)
+            parts.append((cand.gather(1, dist.argmin(1)[:, None])[:, 0], cand, sims, dist))
+    finally:
+        bundle.model.train(was_training)
+    assigned, cand, sims = (torch.cat([p[i] for p in parts]) for i in range(3))
+    dist = None if cfg.method == "global" else torch.cat([p[3] for p in parts])
+    return Rematch(assigned, cand, sims, dist, cfg.method)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-training
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class OTCCLIPConfig:
+    """OTCCLIP's pre-training (our reading of the abstract; every choice is a parameter).
+
+    rematch: re-assign captions by OT during training (False = the ablation "OT losses only"; the matching is still
+    computed and recorded at the same epochs). rematch_start: first epoch (0-based) that trains on re-matched pairs;
+    rematch_every: epochs between re-matchings. hold: False (default, RoCLIP's schedule, which OTCCLIP builds on) —
+    the re-matched pairs are trained on in the re-matching epoch only and the original pairs in the epochs between;
+    True — the assignment replaces the pairs until the next re-matching. matching: the candidate pool (k) and the OT distance of the re-matching; ``matching.method`` may be
+    ``"global"`` for a global-similarity variant. align: weights of the OT objectives (all 0 = the ablation "OT
+    matching only"). augment_scale: crop area range of the augmented view in the image intra-modality term.
+    record_candidates: keep every measured epoch's candidate pools in the report (N × k integers per epoch).
+    """
+    rematch: bool = True
+    rematch_start: int = 1
+    rematch_every: int = 2
+    hold: bool = False
+    matching: RematchConfig = field(default_factory=lambda: RematchConfig(k=16, ot=OTConfig(max_iter=50, tol=1e-4)))
+    align: AlignmentConfig = field(default_factory=lambda: AlignmentConfig(
+        inter_weight=1.0, image_intra_weight=0.5, text_intra_weight=0.5, ot=OTConfig(max_iter=50, tol=1e-4)))
+    augment_scale: tuple[float, float] = (0.5, 1.0)
+    record_candidates: bool = True
+
+
+class TokenCLIP(nn.Module):
+    """``forward(images in [0, 1], token ids) -> (image TokenFeatures, text TokenFeatures, logit scale)`` of a
+    bundle's CLIP: one module for :func:`rclip.train.fit` to wrap in DDP, so every gradient is synchronised."""
+
+    def __init__(self, bundle):
+        super().__init__()
+        self.model = bundle.model
+        self.bundle = bundle
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor):
+        return image_tokens(self.bundle, images), text_tokens(self.bundle, ids), self.model.logit_scale.exp()
+
+
+class OTCCLIPTrainer(Trainer):
+    """OTCCLIP for :func:`rclip.train.fit`: ``loss`` is the batch loss, ``module`` the network it runs through, and
+    the hooks re-match captions between epochs (the assignment is part of the checkpointed state)."""
+
+    name = "otcclip"
+
+    def __init__(self, bundle, corpus, schedule, config: OTCCLIPConfig | None = None, rank: int = 0, world: int = 1):
+        super().__init__(bundle, corpus, schedule, rank, world)
+        self.config = c = config or OTCCLIPConfig()
+        if c.rematch_start < 0 or c.rematch_every < 1:
+            raise RClipError("rematch_start must be >= 0 and rematch_every >= 1 epoch")
+        if c.matching.k > len(corpus):
+            raise RClipError(f"k={c.matching.k} candidates exceed the {len(corpus)} captions of the corpus")
+        self.module = TokenCLIP(bundle)
+        self.assignment = torch.arange(len(corpus))
+        self.events: list[dict] = []
+
+    def rematches(self, epoch: int) -> bool:
+        """Is ``epoch`` a re-matching epoch of the schedule (whether or not its matching is applied)?"""
+        c = self.config
+        return epoch >= c.rematch_start and (epoch - c.rematch_start) % c.rematch_every == 0
+
+    def start_epoch(self, epoch: int) -> None:
+        if not self.rematches(epoch):
+            if not self.config.hold:
+                self.assignment = torch.arange(len(self.corpus))
+            return
+        ot = rematch_corpus(self.bundle, self.corpus, self.config.matching)
+        event = {"epoch": epoch, "applied": self.config.rematch, "ot": ot.assigned.clone(),
+                 "global": ot.candidates[:, 0].clone()}
+        if self.config.record_candidates:
+            event["candidates"] = ot.candidates.to(torch.int32)
+        self.events.append(event)
+        self.assignment = ot.assigned.clone() if self.config.rematch else torch.arange(len(self.corpus))
+
+    def loss(self, net, batch: dict) -> torch.Tensor:
+        device = self.bundle.device
+        texts = [self.corpus.texts[j] for j in self.assignment[batch["index"]].tolist()]
+        images = batch["images"].to(device, non_blocking=True)
+        ids = self.bundle.tokenizer(texts).to(device)
+        a = self.config.align
+        b = len(images)
+        gen, rng = self.generators()
+        if a.image_intra_weight:                       # the augmented view rides along in the same forward pass
+            images = torch.cat([images, augment_images(images, gen, scale=tuple(self.config.augment_scale))])
+        if a.text_intra_weight:
+            ids = torch.cat([ids, self.bundle.tokenizer(augment_texts(texts, rng)).to(device)])
+        img, txt, scale = net(images, ids)
+        img, txt = img.to(dtype=torch.float32), txt.to(dtype=torch.float32)
+        loss = masked_contrastive(img.pooled[:b], txt.pooled[:b], scale.float(), None, self.rank, self.world)
+        if a.inter_weight or a.image_intra_weight or a.text_intra_weight:
+            terms = alignment_losses(img[:b], txt[:b], img[b:] if a.image_intra_weight else None,
+                                     txt[b:] if a.text_intra_weight else None, a)
+            loss = loss + terms["total"]
+        return loss
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "assignment": self.assignment.clone(), "events": self.events}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.assignment, self.events = state["assignment"].clone(), list(state["events"])
+
+    def report(self) -> dict:
+        """Per measured epoch: the caption OT and global matching chose for every image (same candidate pools),
+        whether OT's choice was applied, and (optionally) the pools; and the final assignment."""
+        return {"events": self.events, "assignment": self.assignment.clone()}
+
+
+__all__ = ["ot_contrastive_loss", "TokenFeatures", "token_set", "image_tokens", "text_tokens", "encode_image_tokens", "encode_text_tokens",
            "OTConfig", "ot_distance", "candidate_distances", "topk_similar", "RematchConfig", "Rematch",
            "rematch_captions", "rematch_report", "AlignmentConfig", "inter_modality_loss", "intra_modality_loss",
-           "alignment_losses"]
+           "alignment_losses", "rematch_corpus", "OTCCLIPConfig", "TokenCLIP", "OTCCLIPTrainer"]

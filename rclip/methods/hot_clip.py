@@ -1,0 +1,580 @@
+"""HOT-CLIP: diverse adversarial submodels of CLIP's image encoder, fused hierarchically by optimal transport.
+
+Algorithm 1 of the paper, on any CLIP bundle and labelled image set:
+
+1. **Submodels.** For every attack a ∈ A (FGSM, PGD, MIM; ℓ∞ radius ε_train) and prompt template t ∈ T_a, fine-tune
+   the image encoder adversarially with the text tower frozen: TeCoA's loss, the cross-entropy of the zero-shot
+   logits ``scale · cos(f(x_adv), w_y^t)`` against class embeddings written with template t, where x_adv is attack
+   a on that same loss against the current encoder. T_a is the standard template t₀ (the task's first; it trains
+   the anchor, as in the paper's Appendix D) followed by templates sampled from the task's template set.
+2. **L-level fusion** within each attack: OT-fuse the |T| submodels onto the t₀ one
+   (:func:`rclip.methods.fusion.fuse_visual`), then fine-tune the fused encoder under attack a with t₀.
+3. **V-level fusion** across attacks: OT-fuse the |A| L-level models onto the first attack's, then fine-tune with
+   FARE's unsupervised loss (:func:`rclip.methods.robust_finetune.fare_step`; its target is the fused encoder's own
+   clean embedding at the start of the stage, an assumption: the paper says "unsupervised adversarial
+   fine-tuning" only).
+
+Every trained or fused encoder is cached under ``$RCLIP_CACHE/hot_clip`` (its image tower only, safetensors) keyed
+by everything that made it, so the strategies of the ablation (direct average, direct OT fusion, hierarchical)
+and the pool sizes share submodels, and a re-run loads instead of training. Towers are loaded from the cache only
+when a step needs them and released after it; :class:`Residency` counts the towers alive at each moment, which
+measures the peak number of models in memory (the paper's O(max(|A|, |T|) · U) against O(|A||T| · U)).
+
+The module also holds the fusion experiment of the chapter: image towers trained from different random
+initialisations against one frozen text tower (LiT-style, :func:`independent_tower`), and straight-line
+interpolation between two towers (:func:`interpolation_curve`).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import weakref
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rclip.attacks.image import autoattack, fgsm, mim, pgd
+from rclip.cache import artefact_path, atomic_path, write_json
+from rclip.errors import RClipError
+from rclip.methods.fusion import FusionConfig, clone_bundle as clone, fuse_visual
+from rclip.methods.robust_finetune import (AdvFinetuneConfig, _zero_shot_logits, fare_step,
+                                           freeze_all_but_image_encoder)
+from rclip.train import LossFn, TrainConfig, fit
+from rclip.zeroshot import ZeroShotClassifier, class_embeddings, predict, zeroshot_classifier
+
+ATTACKS = ("fgsm", "pgd", "mim")
+STRATEGIES = ("average", "direct", "hierarchical")
+
+
+def _paper_schedule(steps: int) -> TrainConfig:
+    """The paper's optimiser (AdamW, lr 1e-5, weight decay 0.01, batch 128) for ``steps`` steps."""
+    return TrainConfig(steps=steps, batch_size=128, lr=1e-5, min_lr=1e-6, warmup_steps=max(1, steps // 20),
+                       weight_decay=0.01, grad_clip=1.0, ckpt_every=max(1, steps // 4))
+
+
+@dataclass(frozen=True)
+class HotClipConfig:
+    """Everything that makes a HOT-CLIP encoder (the paper's values as defaults, steps at one's own scale).
+
+    attacks: A, in order (the first is the V-level anchor). n_templates: |T| per attack (t₀ + n - 1 sampled).
+    eps: ε_train (ℓ∞, [0, 1] pixel units). attack_steps: PGD and MIM iterations (step eps/4 for PGD, eps/steps for
+    MIM; FGSM is one step of eps). submodel / intra / inter: the schedules of the submodels, the L-level fine-tune
+    (under the attack, t₀) and the V-level FARE fine-tune (the paper: AdamW, lr 1e-5, weight decay 0.01, batch 128;
+    2 epochs, 1 epoch, 1 epoch). intra / inter ``steps=0`` skips that fine-tune. fusion: the OT settings (the
+    paper: soft alignment, Sinkhorn τ = 0.08, weights as neurons). template_seed: which templates are sampled.
+    """
+    attacks: tuple[str, ...] = ATTACKS
+    n_templates: int = 3
+    eps: float = 4 / 255
+    attack_steps: int = 10
+    submodel: TrainConfig = field(default_factory=lambda: _paper_schedule(500))
+    intra: TrainConfig = field(default_factory=lambda: _paper_schedule(250))
+    inter: TrainConfig = field(default_factory=lambda: _paper_schedule(250))
+    fusion: FusionConfig = field(default_factory=lambda: FusionConfig("soft", reg=0.08))
+    template_seed: int = 0
+
+    def __post_init__(self):
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown or not self.attacks or len(set(self.attacks)) != len(self.attacks):
+            raise RClipError(f"attacks must be distinct names from {ATTACKS}; got {list(self.attacks)}")
+        if self.n_templates < 1:
+            raise RClipError(f"n_templates must be >= 1; got {self.n_templates}")
+        if not 0 < self.eps < 1:
+            raise RClipError(f"eps (ε_train) must lie in (0, 1) pixel units, e.g. 4/255; got {self.eps}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counting the towers in memory
+# ----------------------------------------------------------------------------------------------------------------
+
+class Tower(dict):
+    """An image tower's state dict (parameter name -> tensor) that :class:`Residency` can watch."""
+
+
+def save_tower(path: Path, state: dict) -> None:
+    """Write an image tower's state dict as float32 safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp))
+
+
+class Residency:
+    """Counts the image towers alive in a pipeline: each one is registered when it is loaded, fused or copied
+    for fine-tuning, and leaves the count when the last reference to it goes (a ``weakref.finalize`` callback).
+
+    ``peak`` / ``peak_mb`` are the largest count and size seen since :meth:`reset`; ``log`` records
+    (event, count) pairs. The base CLIP (the frozen text tower and the pre-trained image tower every step starts
+    from) stays resident throughout and is not counted.
+    """
+
+    def __init__(self):
+        self.live, self.live_mb, self.peak, self.peak_mb = 0, 0.0, 0, 0.0
+        self.log: list[tuple[str, int]] = []
+
+    def track(self, obj, what: str):
+        """Register ``obj`` (a :class:`Tower` or an ``nn.Module``) as one resident tower; returns it."""
+        if isinstance(obj, dict):
+            mb = sum(t.numel() * t.element_size() for t in obj.values()) / 2**20
+        else:
+            mb = sum(t.numel() * t.element_size() for t in obj.state_dict().values()) / 2**20
+        self._add(1, mb, f"+ {what}")
+        weakref.finalize(obj, self._add, -1, -mb, f"- {what}")
+        return obj
+
+    @contextlib.contextmanager
+    def holding(self, what: str, mb: float = 0.0):
+        """Count one extra tower for the duration of a block (e.g. FARE's frozen copy of the encoder)."""
+        self._add(1, mb, f"+ {what}")
+        try:
+            yield
+        finally:
+            self._add(-1, -mb, f"- {what}")
+
+    def _add(self, n: int, mb: float, event: str):
+        self.live += n
+        self.live_mb += mb
+        self.peak, self.peak_mb = max(self.peak, self.live), max(self.peak_mb, self.live_mb)
+        self.log.append((event, self.live))
+
+    def reset(self) -> None:
+        """Start a new measurement from the towers alive now."""
+        self.peak, self.peak_mb, self.log = self.live, self.live_mb, []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adversarial examples and losses
+# ----------------------------------------------------------------------------------------------------------------
+
+def adversarial_images(classifier, images: torch.Tensor, labels: torch.Tensor, attack: str, eps: float, *,
+                       steps: int, seed: int = 0) -> torch.Tensor:
+    """``attack`` ∈ {fgsm, pgd, mim} at ℓ∞ radius ``eps`` on ``classifier`` ([0, 1] pixels -> logits)."""
+    if attack == "fgsm":
+        return fgsm(classifier, images, labels, eps)
+    if attack == "pgd":
+        return pgd(classifier, images, labels, eps, steps=steps, seed=seed)
+    if attack == "mim":
+        return mim(classifier, images, labels, eps, steps=steps)
+    raise RClipError(f"unknown training attack {attack!r}; choose one of {ATTACKS}")
+
+
+def submodel_step(bundle, class_weights: torch.Tensor, attack: str, eps: float, attack_steps: int,
+                  seed: int = 0) -> LossFn:
+    """TeCoA's loss under ``attack``, for batches ``{"images", "labels", "index"}``: cross-entropy of the zero-shot
+    logits of the adversarial images against ``class_weights`` (K, D), the attack run on the current encoder."""
+    weights = F.normalize(class_weights.float(), dim=-1)
+    victim = ZeroShotClassifier(bundle, weights)
+    logits = _zero_shot_logits(bundle, weights)
+
+    def loss_fn(visual, batch):
+        x = batch["images"].to(bundle.device).float()
+        y = batch["labels"].to(bundle.device)
+        x_adv = adversarial_images(victim, x, y, attack, eps, steps=attack_steps,
+                                   seed=seed * 1_000_003 + int(batch["index"][0]))
+        return F.cross_entropy(logits(visual, x_adv).float(), y)
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+class HotClip:
+    """Algorithm 1 on one base CLIP and one labelled training set, with every artefact cached.
+
+    Args:
+        base: the pre-trained CLIP bundle (never modified).
+        dataset: training batches ``{"images" (B, 3, S, S) in [0, 1], "labels", "index"}`` via ``__getitems__``.
+        data_key: what identifies ``dataset`` (part of every cache key).
+        classnames, templates: the training classes and the task's prompt templates (``templates[0]`` is t₀).
+        cfg: :class:`HotClipConfig`.
+    """
+
+    def __init__(self, base, dataset, data_key: dict, classnames: Sequence[str], templates: Sequence[str],
+                 cfg: HotClipConfig = HotClipConfig(), *, progress: bool = False, cache_dir: str | Path | None = None):
+        if len(templates) < cfg.n_templates:
+            raise RClipError(f"{cfg.n_templates} templates per attack asked for, but the task has {len(templates)}")
+        self.base, self.dataset, self.data_key = base, dataset, data_key
+        self.classnames, self.templates, self.cfg, self.progress = list(classnames), list(templates), cfg, progress
+        self.residency = Residency()
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.logs: dict[str, dict] = {}
+        self._base_key = base.meta.get("sha256") or base.meta.get("name")
+        self._weights: dict[str, torch.Tensor] = {}
+
+    # -- what is trained -----------------------------------------------------------------------------------------
+    def templates_for(self, attack: str) -> list[str]:
+        """T_a: t₀, then ``n_templates - 1`` of the others, sampled by (template_seed, attack)."""
+        rng = np.random.default_rng([self.cfg.template_seed, ATTACKS.index(attack)])
+        rest = rng.permutation(len(self.templates) - 1)[: self.cfg.n_templates - 1] + 1
+        return [self.templates[0]] + [self.templates[i] for i in rest]
+
+    def class_weights(self, template: str) -> torch.Tensor:
+        """(K, D) unit class embeddings written with one template, by the frozen text tower."""
+        if template not in self._weights:
+            self._weights[template] = class_embeddings(self.base, [[template.format(c)] for c in self.classnames])
+        return self._weights[template]
+
+    def submodel_key(self, attack: str, template: str) -> dict:
+        c = self.cfg
+        return {"kind": "submodel", "base": self._base_key, "data": self.data_key, "attack": attack,
+                "template": template, "eps": c.eps, "attack_steps": c.attack_steps, "train": asdict(c.submodel)}
+
+    def intra_key(self, attack: str) -> dict:
+        c = self.cfg
+        return {"kind": "intra", "members": [self.submodel_key(attack, t) for t in self.templates_for(attack)],
+                "fusion": asdict(c.fusion), "finetune": asdict(c.intra) if c.intra.steps else None}
+
+    def hierarchical_key(self) -> dict:
+        c = self.cfg
+        return {"kind": "hierarchical", "members": [self.intra_key(a) for a in c.attacks], "fusion": asdict(c.fusion),
+                "finetune": asdict(c.inter) if c.inter.steps else None}
+
+    def direct_key(self, alignment: str) -> dict:
+        members = [self.submodel_key(a, t) for a in self.cfg.attacks for t in self.templates_for(a)]
+        fusion = asdict(self.cfg.fusion if alignment != "none" else FusionConfig("none"))
+        return {"kind": "direct", "members": members, "fusion": fusion}
+
+    # -- the cache -----------------------------------------------------------------------------------------------
+    def path(self, key: dict) -> Path:
+        """Where the tower made by ``key`` is cached (``$RCLIP_CACHE/hot_clip`` unless ``cache_dir`` was given)."""
+        if self.cache_dir is None:
+            return artefact_path("hot_clip", key, ".safetensors")
+        from rclip.cache import key_of
+
+        (self.cache_dir / "hot_clip").mkdir(parents=True, exist_ok=True)
+        return self.cache_dir / "hot_clip" / f"{key_of(key)}.safetensors"
+
+    def load(self, key: dict, what: str) -> Tower:
+        """A cached tower, registered as resident."""
+        from rclip.models import read_state_dict
+
+        state, _ = read_state_dict(self.path(key))
+        device = self.base.device
+        return self.residency.track(Tower({k: v.to(device) for k, v in state.items()}), what)
+
+    def _save(self, key: dict, state: dict, log: dict | None = None) -> None:
+        save_tower(self.path(key), state)
+        write_json(self.path(key).with_suffix(".json"), {"key": key, "log": log})
+
+    def cached_log(self, key: dict) -> dict | None:
+        p = self.path(key).with_suffix(".json")
+        return json.loads(p.read_text())["log"] if p.is_file() else None
+
+    def bundle(self, state: dict):
+        """A copy of the base CLIP with this image tower (for evaluation)."""
+        b = clone(self.base)
+        b.model.visual.load_state_dict(dict(state))
+        b.meta = {**b.meta, "sha256": None}
+        return b
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def _finetune(self, state: dict | None, loss, train: TrainConfig, key: dict, what: str) -> tuple[Tower, dict]:
+        """Fine-tune a copy of the base with image tower ``state`` (None: the base's) by ``loss(bundle)``; cache."""
+        tuned = clone(self.base)
+        if state is not None:
+            tuned.model.visual.load_state_dict(dict(state))
+        self.residency.track(tuned.model.visual, what)
+        freeze_all_but_image_encoder(tuned.model)
+        log = fit(tuned, self.dataset, train, self.path(key).with_suffix(".run"), loss(tuned),
+                  module=tuned.model.visual, progress=self.progress, desc=what)
+        if log.get("stopped_early"):
+            raise RClipError(f"{what} stopped early at step {log['last_step']}; run again to resume")
+        tuned.model.requires_grad_(False)
+        self._save(key, tuned.model.visual.state_dict(), log)
+        return self.load(key, what), log
+
+    def submodel(self, attack: str, template: str) -> Tower:
+        """M^(a, t): the base's image tower fine-tuned adversarially under ``attack`` with ``template``."""
+        key = self.submodel_key(attack, template)
+        what = f"submodel {attack} / {template!r}"
+        if self.path(key).is_file():
+            return self.load(key, what)
+        c = self.cfg
+        tower, log = self._finetune(None, lambda b: submodel_step(b, self.class_weights(template), attack, c.eps,
+                                                                  c.attack_steps, c.submodel.seed),
+                                    c.submodel, key, what)
+        self.logs[what] = log
+        return tower
+
+    def pool(self) -> list[tuple[str, str]]:
+        """Train (or find cached) every submodel, one at a time; returns the (attack, template) pairs."""
+        pairs = [(a, t) for a in self.cfg.attacks for t in self.templates_for(a)]
+        for a, t in pairs:
+            self.submodel(a, t)          # released at once: only the cache file stays
+        return pairs
+
+    def _fuse(self, towers: list[Tower], what: str, cfg: FusionConfig | None = None):
+        res = fuse_visual(towers, cfg=cfg or self.cfg.fusion, heads=_heads(self.base))
+        return self.residency.track(Tower(res.state), what), res
+
+    def intra(self, attack: str) -> Tower:
+        """L-level: the attack's submodels OT-fused onto its t₀ submodel, then fine-tuned under the attack, t₀."""
+        key = self.intra_key(attack)
+        what = f"L-level {attack}"
+        if self.path(key).is_file():
+            return self.load(key, what)
+        fused, _ = self._fuse([self.submodel(attack, t) for t in self.templates_for(attack)], f"{what} (fused)")
+        c = self.cfg
+        if not c.intra.steps:
+            self._save(key, fused)
+            return fused
+        t0 = self.templates[0]
+        tower, log = self._finetune(fused, lambda b: submodel_step(b, self.class_weights(t0), attack, c.eps,
+                                                                   c.attack_steps, c.intra.seed),
+                                    c.intra, key, what)
+        self.logs[what] = log
+        return tower
+
+    def hierarchical(self) -> Tower:
+        """V-level: the L-level models OT-fused onto the first attack's, then fine-tuned with FARE: HOT-CLIP."""
+        key = self.hierarchical_key()
+        if self.path(key).is_file():
+            return self.load(key, "HOT-CLIP")
+        for a in self.cfg.attacks:       # each L-level model is made, cached and released before the next
+            self.intra(a)
+        fused, _ = self._fuse([self.load(self.intra_key(a), f"L-level {a}") for a in self.cfg.attacks],
+                              "V-level (fused)")
+        c = self.cfg
+        if not c.inter.steps:
+            self._save(key, fused)
+            return fused
+        fare = AdvFinetuneConfig("fare", eps=c.eps, attack_steps=c.attack_steps, train=c.inter)
+        mb = sum(t.numel() * t.element_size() for t in fused.values()) / 2**20
+        with self.residency.holding("FARE's frozen target", mb):
+            tower, log = self._finetune(fused, lambda b: fare_step(b, fare, c.inter.seed), c.inter, key, "HOT-CLIP")
+        self.logs["HOT-CLIP"] = log
+        return tower
+
+    def direct(self, alignment: str = "ot") -> Tower:
+        """All |A|·|T| submodels fused at once onto the first: ``"ot"`` (the configured OT) or ``"none"``
+        (plain weight averaging). No fine-tuning (the paper's "Direct Average" and "Direct OT Fusion")."""
+        if alignment not in ("ot", "none"):
+            raise RClipError(f"alignment must be 'ot' or 'none'; got {alignment!r}")
+        key = self.direct_key("none" if alignment == "none" else "ot")
+        what = "direct average" if alignment == "none" else "direct OT fusion"
+        if self.path(key).is_file():
+            return self.load(key, what)
+        towers = [self.submodel(a, t) for a in self.cfg.attacks for t in self.templates_for(a)]
+        fused, _ = self._fuse(towers, what, FusionConfig("none") if alignment == "none" else None)
+        del towers
+        self._save(key, fused)
+        return fused
+
+    def strategy(self, name: str) -> tuple[Tower, dict]:
+        """Run one fusion strategy of the ablation from the trained pool, counting resident towers.
+
+        ``"average"`` / ``"direct"`` / ``"hierarchical"``. The pool must exist (:meth:`pool`) and the strategy's own
+        result must not be cached, or nothing is measured. Returns (tower, {"peak_towers", "peak_mb", "events"})."""
+        if name not in STRATEGIES:
+            raise RClipError(f"unknown strategy {name!r}; choose one of {STRATEGIES}")
+        self.residency.reset()
+        tower = {"average": lambda: self.direct("none"), "direct": lambda: self.direct("ot"),
+                 "hierarchical": self.hierarchical}[name]()
+        r = self.residency
+        return tower, {"peak_towers": r.peak, "peak_mb": round(r.peak_mb, 2), "events": list(r.log)}
+
+
+def memory_profile(base, dataset, data_key: dict, classnames, templates, cfg: HotClipConfig) -> dict[str, dict]:
+    """The number (and size) of image towers in memory at the peak of each strategy, measured by running the real
+    pipeline from an empty, temporary cache with one optimisation step per stage (how many towers a step holds
+    does not depend on how many steps it takes). Returns {strategy: {"peak_towers", "peak_mb", "events"}}."""
+    import tempfile
+
+    one = replace(cfg.submodel, steps=1, warmup_steps=1, ckpt_every=1)
+    small = replace(cfg, submodel=one, intra=one if cfg.intra.steps else replace(one, steps=0),
+                    inter=one if cfg.inter.steps else replace(one, steps=0))
+    with tempfile.TemporaryDirectory(prefix="rclip-hot-memory-") as tmp:
+        pipe = HotClip(base, dataset, data_key, classnames, templates, small, cache_dir=tmp)
+        pipe.pool()
+        out = {}
+        for name in STRATEGIES:
+            tower, out[name] = pipe.strategy(name)
+            del tower
+        return out
+
+
+def _heads(bundle) -> int:
+    return int(bundle.model.visual.transformer.resblocks[0].attn.num_heads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+def robust_accuracy(bundle, tasks: dict, budgets: dict[str, float], *, steps: int = 100, seed: int = 0,
+                    batch_size: int | None = None) -> dict[str, dict[str, float]]:
+    """Zero-shot top-1 (%) of ``bundle`` on each task, clean and under AutoAttack (APGD-CE + APGD-DLR,
+    :func:`rclip.attacks.autoattack`) at each ℓ∞ budget, the attack white-box against this very model.
+
+    As in AutoAttack's protocol only the images still classified correctly are attacked: first the clean-correct
+    ones at the smallest budget, then, at each larger budget, those that survived the smaller one (an adversarial
+    image within a smaller ball is one within the larger ball too, so robust accuracy can only fall).
+
+    tasks: name -> ZeroShotTask (class embeddings from all its templates). budgets: label -> eps ([0, 1] units).
+    Returns ``{task: {"clean": acc, label: acc, ...}}``."""
+    out = {}
+    for name, task in tasks.items():
+        x, y = task.tensors()
+        x, y = x.to(bundle.device), y.to(bundle.device)
+        clf = zeroshot_classifier(bundle, task)
+        alive = (predict(clf, x).to(y.device) == y)
+        row = {"clean": 100.0 * alive.float().mean().item()}
+        for label, eps in sorted(budgets.items(), key=lambda kv: kv[1]):
+            idx = alive.nonzero().flatten()
+            if len(idx):
+                adv = autoattack(clf, x[idx], y[idx], eps, steps=steps, seed=seed, batch_size=batch_size)
+                alive[idx] = predict(clf, adv).to(y.device) == y[idx]
+            row[label] = 100.0 * alive.float().mean().item()
+        out[name] = {k: row[k] for k in ["clean", *budgets]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fusion experiment: image towers from different initialisations, one frozen text tower
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """LiT-style training of an image tower from scratch against the base's frozen text tower.
+
+    pairs: pre-rendered world image-caption pairs (train split, ``data_seed``), reused for every tower; the loss
+    is symmetric InfoNCE between the tower's embeddings and the captions' frozen text embeddings at the base's
+    temperature. train: the schedule (``train.seed`` is not used: each tower's seed sets its initialisation and
+    data order)."""
+    pairs: int = 4096
+    resolution: int = 64
+    data_seed: int = 0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=64, lr=1e-3, min_lr=1e-5,
+                                                                   warmup_steps=40, weight_decay=0.1, ckpt_every=100))
+
+
+class _FrozenTextPairs(torch.utils.data.Dataset):
+    """Pre-rendered images with their captions' frozen text embeddings: batches {"images", "text", "index"}."""
+
+    def __init__(self, images: torch.Tensor, text: torch.Tensor):
+        self.images, self.text = images, text
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, idx):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return {"images": self.images[idx], "text": self.text[idx], "index": idx}
+
+
+_PAIRS: dict[str, _FrozenTextPairs] = {}
+
+
+def _lit_pairs(base, cfg: TowerConfig) -> _FrozenTextPairs:
+    from rclip import world
+    from rclip.cache import key_of
+
+    key = key_of({"base": base.meta.get("sha256"), "n": cfg.pairs, "res": cfg.resolution, "seed": cfg.data_seed})
+    if key not in _PAIRS:
+        batch = world.WorldPairs(cfg.pairs, split="train", resolution=cfg.resolution,
+                                 seed=cfg.data_seed).__getitems__(list(range(cfg.pairs)))
+        _PAIRS[key] = _FrozenTextPairs(batch["images"], base.encode_texts(batch["texts"]))
+    return _PAIRS[key]
+
+
+def lit_step(bundle) -> LossFn:
+    """Symmetric InfoNCE between image embeddings and frozen caption embeddings, at the bundle's temperature."""
+    scale = float(bundle.model.logit_scale.detach().exp())
+
+    def loss_fn(visual, batch):
+        img = F.normalize(visual(bundle.normalize(batch["images"].to(bundle.device))).float(), dim=-1)
+        logits = scale * img @ batch["text"].to(bundle.device).float().T
+        labels = torch.arange(len(img), device=img.device)
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    return loss_fn
+
+
+def independent_tower(base, seed: int, cfg: TowerConfig = TowerConfig(), *, progress: bool = False):
+    """An image tower of the base's architecture from a fresh random initialisation (``seed``), trained against
+    the base's frozen text tower; cached under ``$RCLIP_CACHE/towers``. Returns (bundle, training log)."""
+    arch = base.meta.get("model_cfg")
+    if not arch:
+        raise RClipError("the base bundle carries no model config; load it with rclip.models.load")
+
+    def init():
+        import open_clip
+
+        torch.manual_seed(seed)
+        return open_clip.model.CLIP(**arch).visual.state_dict()
+
+    key = {"base": base.meta.get("sha256") or base.meta.get("name"), "seed": seed, "cfg": asdict(cfg)}
+    tower, log = _lit_trained(base, init, cfg, replace(cfg.train, seed=seed), key, f"tower {seed}", progress)
+    tower.meta["tower_seed"] = seed
+    return tower, log
+
+
+def tune_tower(base, state: dict, key: dict, cfg: TowerConfig, train: TrainConfig, *, progress: bool = False):
+    """Continue LiT training of image tower ``state`` (e.g. a fused one) for ``train.steps`` steps on the pairs of
+    ``cfg``; cached by ``key`` (what made ``state``) and the schedule. Returns (bundle, training log)."""
+    return _lit_trained(base, lambda: state, cfg, train, {"tuned": key, "cfg": asdict(cfg), "train": asdict(train)},
+                        "tuning", progress)
+
+
+def _lit_trained(base, init, cfg: TowerConfig, train: TrainConfig, key: dict, desc: str, progress: bool):
+    """A copy of ``base`` whose image tower starts from ``init()`` and is trained by :func:`lit_step`; cached."""
+    from rclip import models
+
+    path = artefact_path("towers", key, ".safetensors")
+    log_path = path.with_suffix(".log.json")
+    tower = clone(base)
+    tower.meta = {**tower.meta, "sha256": None}
+    if path.is_file() and log_path.is_file():
+        tower.model.visual.load_state_dict(models.read_state_dict(path)[0])
+        return tower, json.loads(log_path.read_text())
+    tower.model.visual.load_state_dict(dict(init()))
+    freeze_all_but_image_encoder(tower.model)
+    log = fit(tower, _lit_pairs(base, cfg), train, path.with_suffix(".run"), lit_step(tower),
+              module=tower.model.visual, progress=progress, desc=desc)
+    if log.get("stopped_early"):
+        raise RClipError(f"{desc} stopped early at step {log['last_step']}; run again to resume")
+    tower.model.requires_grad_(False)
+    save_tower(path, tower.model.visual.state_dict())
+    write_json(log_path, log)
+    return tower, json.loads(log_path.read_text())
+
+
+@torch.no_grad()
+def zeroshot_loss_accuracy(bundle, tasks: dict) -> dict[str, float]:
+    """Mean over ``tasks`` of the zero-shot cross-entropy (nats) and top-1 (%) of ``bundle`` (template prompts)."""
+    losses, accs = [], []
+    for task in tasks.values():
+        x, y = task.tensors()
+        clf = zeroshot_classifier(bundle, task)
+        logits = torch.cat([clf(x[i:i + 256].to(bundle.device)).float().cpu() for i in range(0, len(x), 256)])
+        losses.append(F.cross_entropy(logits, y).item())
+        accs.append(100.0 * (logits.argmax(-1) == y).float().mean().item())
+    return {"loss": float(np.mean(losses)), "top1": float(np.mean(accs))}
+
+
+def interpolate(a: dict, b: dict, lam: float) -> dict:
+    """(1 - λ) a + λ b, parameter by parameter."""
+    return {k: (1 - lam) * a[k].float() + lam * b[k].float() for k in a}
+
+
+def interpolation_curve(base, a: dict, b: dict, tasks: dict, lambdas: Sequence[float]) -> list[dict]:
+    """Zero-shot loss and top-1 of the image towers on the straight line from ``a`` (λ = 0) to ``b`` (λ = 1), each
+    used with the base's text tower. Returns [{"lambda", "loss", "top1"}, ...]."""
+    probe = clone(base)
+    out = []
+    for lam in lambdas:
+        probe.model.visual.load_state_dict(interpolate(a, b, float(lam)))
+        out.append({"lambda": float(lam), **zeroshot_loss_accuracy(probe, tasks)})
+    return out
+
+
+def barrier(curve: list[dict], key: str = "loss") -> float:
+    """Loss barrier max_λ L(λ) - ((1 - λ) L(0) + λ L(1)) of an interpolation curve (for top-1 pass key="top1":
+    the largest drop below the straight line between the end points, as a positive number)."""
+    lo, hi = curve[0][key], curve[-1][key]
+    gaps = [p[key] - ((1 - p["lambda"]) * lo + p["lambda"] * hi) for p in curve]
+    return float(max(gaps) if key == "loss" else -min(gaps))

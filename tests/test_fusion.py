@@ -1,0 +1,178 @@
+"""OT fusion of ViTs against independent references: a functionally identical permuted copy of a network (fusion must
+return the original), POT's exact and entropic solvers on the same costs, and plain arithmetic for the weights."""
+import copy
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from rclip import models, world, zeroshot
+from rclip.errors import RClipError
+from rclip.methods.fusion import (FusionConfig, clone_bundle, fuse_clips, fuse_visual, neuron_cost, permute_visual,
+                                  transport_plans, visual_state)
+
+
+@pytest.fixture(scope="module")
+def world_clip():
+    return models.load("world")
+
+
+def _heads(bundle):
+    return bundle.model.visual.transformer.resblocks[0].attn.num_heads
+
+
+def _outputs(bundle, state, x):
+    visual = copy.deepcopy(bundle.model.visual)
+    visual.load_state_dict(state)
+    with torch.no_grad():
+        return visual(bundle.normalize(x))
+
+
+def _random_tower(name, seed):
+    torch.manual_seed(seed)
+    return visual_state(models.load(name))
+
+
+def _assert_recovers(bundle, seed, x, cfg=FusionConfig("hard"), weights=(0.5, 0.5), atol=1e-6):
+    original = visual_state(bundle)
+    permuted, perms = permute_visual(original, _heads(bundle), seed=seed)
+    assert not torch.equal(permuted["transformer.resblocks.0.mlp.c_fc.weight"],
+                           original["transformer.resblocks.0.mlp.c_fc.weight"])
+    out = _outputs(bundle, original, x)
+    # the permuted copy is the same function ...
+    torch.testing.assert_close(_outputs(bundle, permuted, x), out, atol=1e-4 * out.abs().max().item(), rtol=0)
+    # ... and hard fusion of (original, permuted) returns the original's weights and outputs
+    models_ = [original, permuted]
+    if cfg.features == "activations":
+        models_ = [bundle, clone_bundle(bundle)]
+        models_[1].model.visual.load_state_dict(permuted)
+    res = fuse_visual(models_, weights, cfg=cfg, heads=_heads(bundle), images=bundle.normalize(x))
+    for k, v in original.items():
+        torch.testing.assert_close(res.state[k], v.float(), atol=atol, rtol=0, msg=k)
+    torch.testing.assert_close(_outputs(bundle, res.state, x), out, atol=1e-5 * out.abs().max().item(), rtol=0)
+    # the maps found are the permutations applied: model 1's neuron i (new position i holds old neuron perm[i])
+    # is matched to anchor neuron perm[i]
+    residual = "residual" if "residual" in res.maps else "residual.embed"
+    for name, perm in (("block0.fc", perms["mlp0"]), ("block0.v", perms["v0"]), ("block0.qk", perms["qk0"]),
+                       (residual, perms["residual"])):
+        r = res.maps[name][1]
+        assert set(r.unique().tolist()) == {0.0, 1.0} and torch.equal(r.sum(0), torch.ones(len(perm))), name
+        assert torch.equal(r.argmax(1), perm), name
+    return res
+
+
+def test_fusion_recovers_a_permuted_world_clip(world_clip):
+    x = world.zeroshot_task("colour_shape", n=4, seed=3).tensors()[0]
+    _assert_recovers(world_clip, seed=1, x=x, weights=(0.2, 0.8))      # the anchor's weight can be anything
+
+
+@pytest.mark.parametrize("cfg", [FusionConfig("hard", heads="cross", residual="combine"),
+                                 FusionConfig("hard", features="activations")],
+                         ids=["reference-policies", "activations"])
+def test_other_policies_recover_a_permuted_copy_too(tiny, cfg):
+    x = world.zeroshot_task("colour_shape", n=4, resolution=32, seed=3).tensors()[0]
+    _assert_recovers(tiny, seed=1, x=x, cfg=cfg)
+
+
+def test_fusion_recovers_a_permuted_vit_b_32():
+    torch.manual_seed(0)
+    bundle = models.load("ViT-B-32")                                      # open_clip architecture, random weights
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    _assert_recovers(bundle, seed=0, x=x, atol=1e-6)
+
+
+def test_fused_tower_keeps_the_text_tower_and_zero_shot_accuracy(world_clip):
+    permuted = clone_bundle(world_clip)
+    state, _ = permute_visual(visual_state(world_clip), _heads(world_clip), seed=4)
+    permuted.model.visual.load_state_dict(state)
+    task = world.zeroshot_task("shape", n=30, seed=1)
+    fused, _ = fuse_clips([world_clip, permuted], cfg=FusionConfig("hard"))
+    assert zeroshot.evaluate(fused, task) == zeroshot.evaluate(world_clip, task)
+    assert torch.equal(fused.model.text_projection, world_clip.model.text_projection)
+    averaged, _ = fuse_clips([world_clip, permuted], cfg=FusionConfig("none"))
+    assert zeroshot.evaluate(averaged, task)["templates"] < zeroshot.evaluate(world_clip, task)["templates"] - 20
+
+
+def _noisy(state, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * v.std().nan_to_num(0) * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+def test_soft_alignment_with_small_tau_approaches_hard(world_clip):
+    # a permuted copy with 5 % noise: the right match is clear but not exact, as between fine-tuned models
+    original = visual_state(world_clip)
+    permuted, perms = permute_visual(original, _heads(world_clip), seed=6)
+    noisy = _noisy(permuted, 0.05, seed=0)
+    hard = fuse_visual([original, noisy], cfg=FusionConfig("hard"), heads=_heads(world_clip))
+    assert torch.equal(hard.maps["block2.fc"][1].argmax(1), perms["mlp2"])
+    gaps = []
+    for tau in (0.08, 0.02, 0.005):                       # tau in the cost's units (squared distances in [0, 4])
+        soft = fuse_visual([original, noisy], cfg=FusionConfig("soft", reg=tau), heads=_heads(world_clip))
+        gaps.append(max(((soft.state[k] - hard.state[k]).norm() / hard.state[k].norm()).item() for k in original))
+    assert 0 < gaps[0] < 0.01 and gaps[0] >= gaps[1] >= gaps[2] and gaps[2] < 1e-6, gaps
+
+
+def test_transport_plans_match_pot():
+    g = torch.Generator().manual_seed(0)
+    feats, anchor = torch.randn(3, 24, 10, generator=g, dtype=torch.float64), torch.randn(24, 10, generator=g,
+                                                                                          dtype=torch.float64)
+    cost = neuron_cost(feats, anchor)
+    u = np.full(24, 1 / 24)
+    hard = transport_plans(cost, FusionConfig("hard"))
+    soft = transport_plans(cost, FusionConfig("soft", reg=0.08, tol=1e-12, max_iter=10000))
+    for i, c in enumerate(cost.numpy()):
+        emd = ot.emd(u, u, c)
+        assert np.isclose((hard[i].numpy() * c).sum(), (emd * c).sum(), atol=1e-12)   # the same optimal cost
+        np.testing.assert_allclose(hard[i].numpy(), emd, atol=1e-12)                  # the unique optimum
+        pot_soft = ot.sinkhorn(u, u, c, 0.08, method="sinkhorn_log", stopThr=1e-12, numItermax=10000)
+        np.testing.assert_allclose(soft[i].numpy(), pot_soft, atol=1e-9)
+    scaled = transport_plans(cost, FusionConfig("soft", reg=0.08, cost_scale="max", tol=1e-12, max_iter=10000))
+    c0 = cost[0].numpy()
+    np.testing.assert_allclose(scaled[0].numpy(), ot.sinkhorn(u, u, c0 / c0.max(), 0.08, method="sinkhorn_log",
+                                                              stopThr=1e-12, numItermax=10000), atol=1e-9)
+
+
+def test_whole_fusion_with_pot_plans_agrees():
+    a = _random_tower("rclip-tiny", 0)
+    models_ = [a] + [_noisy(permute_visual(a, heads=4, seed=s)[0], 0.2, seed=s) for s in (1, 2)]
+    for cfg in (FusionConfig("hard"), FusionConfig("soft", reg=0.05, tol=1e-9)):
+        ours = fuse_visual(models_, cfg=cfg, heads=4, dtype=torch.float64)
+        ref = fuse_visual(models_, cfg=cfg, heads=4, solver="pot", dtype=torch.float64)
+        for k in ours.state:
+            torch.testing.assert_close(ours.state[k], ref.state[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_weights_reach_every_parameter_and_anchor_choice():
+    a, b, c = (_random_tower("rclip-tiny", s) for s in (0, 1, 2))
+    res = fuse_visual([a, b, c], [0.2, 0.3, 0.5], cfg=FusionConfig("none"), heads=4)
+    for k in a:
+        torch.testing.assert_close(res.state[k], 0.2 * a[k] + 0.3 * b[k] + 0.5 * c[k], msg=k)
+    # three models that are permutations of one another fuse back to the anchor for any weights and any anchor
+    p1, _ = permute_visual(a, heads=4, seed=1)
+    p2, _ = permute_visual(a, heads=4, seed=2)
+    for anchor, target in ((0, a), (2, p2)):
+        res = fuse_visual([a, p1, p2], [0.6, 0.1, 0.3], anchor=anchor, cfg=FusionConfig("hard"), heads=4)
+        for k in a:
+            torch.testing.assert_close(res.state[k], target[k], atol=1e-6, rtol=0, msg=k)
+        assert res.anchor == anchor and torch.allclose(res.maps["block1.qk"][anchor], torch.eye(64))
+
+
+def test_bad_inputs_are_refused(world_clip, tiny):
+    with pytest.raises(RClipError, match="different architectures"):
+        fuse_visual([world_clip, tiny])
+    with pytest.raises(RClipError, match="one weight per model"):
+        fuse_visual([tiny, tiny], [1.0])
+    with pytest.raises(RClipError, match="non-negative"):
+        fuse_visual([tiny, tiny], [1.0, -0.5])
+    with pytest.raises(RClipError, match="anchor"):
+        fuse_visual([tiny, tiny], anchor=2)
+    with pytest.raises(RClipError, match="unknown alignment"):
+        FusionConfig("optimal")
+    with pytest.raises(RClipError, match="unsupported parameters"):
+        fuse_visual([{**visual_state(tiny), "attn_pool.weight": torch.zeros(1)}])
+    other = clone_bundle(tiny)
+    with torch.no_grad():
+        other.model.text_projection.add_(1.0)
+    with pytest.raises(RClipError, match="different text tower"):
+        fuse_clips([tiny, other])

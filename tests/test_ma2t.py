@@ -1,0 +1,299 @@
+"""MA²T: EDA's operations from first principles, the other augmentations against the world's ground truth, the
+augmented training set, the four training methods (what each trains, that each runs and caches), and the SGD option."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rclip import world
+from rclip.world import LEXICON
+from rclip.attacks.text import STOPWORDS, LexiconSubstitutes
+from rclip.augment import (AugmentedPairs, alignment_diversity, aligned_order, augment_images, augment_texts, eda,
+                           random_deletion, random_insertion, random_swap, randaugment, synonym_replacement)
+from rclip.errors import RClipError
+from rclip.methods.ma2t import METHODS, MA2TConfig, RetrievalSetPairs, WorldRetrievalPairs, ma2t_clip, ma2t_step
+from rclip.train import TrainConfig, make_optimizer
+
+SYN = LexiconSubstitutes().synonyms
+WORDS = "a large red circle on a striped background next to a small blue star".split()
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EDA
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_synonym_replacement_changes_up_to_n_content_words_to_synonyms():
+    for seed in range(20):
+        out = synonym_replacement(WORDS, 2, rng(seed), SYN)
+        assert len(out) == len(WORDS)
+        changed = {(a, b) for a, b in zip(WORDS, out) if a != b}
+        assert 1 <= len({a for a, _ in changed}) <= 2
+        assert all(b in SYN(a) and a not in STOPWORDS for a, b in changed)
+
+
+def test_random_insertion_adds_n_synonyms_of_words_in_the_sentence():
+    for seed in range(20):
+        out = random_insertion(WORDS, 3, rng(seed), SYN)
+        assert len(out) == len(WORDS) + 3
+        rest = list(out)
+        for w in WORDS:  # the original words all stay
+            rest.remove(w)
+        meanings = {LEXICON.canonical(w) for w in WORDS}
+        assert all(LEXICON.canonical(x) in meanings for x in rest)   # synonyms (of synonyms) of its words
+
+
+def test_random_swap_and_deletion():
+    for seed in range(20):
+        out = random_swap(WORDS, 2, rng(seed))
+        assert sorted(out) == sorted(WORDS) and sum(a != b for a, b in zip(out, WORDS)) <= 4
+    assert random_deletion(WORDS, 0.0, rng()) == WORDS
+    assert len(random_deletion(WORDS, 1.0, rng())) == 1 and random_deletion(WORDS, 1.0, rng())[0] in WORDS
+    assert random_deletion(["circle"], 0.9, rng()) == ["circle"]
+    kept = [len(random_deletion(WORDS, 0.3, rng(s))) for s in range(400)]
+    assert abs(np.mean(kept) - 0.7 * len(WORDS)) < 0.4     # each word survives with probability 1 - p
+
+
+def test_eda_recipe():
+    out = eda("A large red circle, on a striped background.", rng(3), n_aug=4, alpha=0.3)
+    assert len(out) == 4 and all(isinstance(s, str) and s for s in out)
+    assert all(s == s.lower() and "," not in s for s in out)
+    assert out == eda("A large red circle, on a striped background.", rng(3), n_aug=4, alpha=0.3)
+    many = eda(" ".join(WORDS), rng(0), n_aug=8)
+    assert len(many) == 8 and len(set(many)) >= 5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The other augmentations and the training set
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pairs():
+    return WorldRetrievalPairs(12, split="train", resolution=32)
+
+
+def test_pairs_are_the_retrieval_split(pairs):
+    rset = world.retrieval_set(split="train", n=12, resolution=32)
+    assert torch.equal(pairs.images(range(12)), rset.image_tensor())
+    assert [pairs.captions(i) for i in range(12)] == [[rset.captions[t] for t in c] for c in rset.img2txt]
+    batch = pairs.__getitems__([3, 1])
+    assert batch["texts"] == [pairs.captions(3)[0], pairs.captions(1)[0]] and batch["index"].tolist() == [3, 1]
+    assert pairs.spec(3).matches(pairs.scene(3))
+
+
+def test_text_augmentations_against_ground_truth(pairs):
+    from rclip.world import Caption, paraphrase, scene_rng
+
+    i = 5
+    human = augment_texts(pairs, i, "human", 4)
+    assert human == pairs.captions(i)[1:]
+    captioned = augment_texts(pairs, i, "captioner", 4)
+    assert len(captioned) == 4 and captioned == augment_texts(pairs, i, "captioner", 4)
+    para = augment_texts(pairs, i, "paraphrase", 4)
+    assert len(para) == 4
+    # the paraphraser keeps the caption's meaning: its spec is the original's, which is true of the image
+    again = paraphrase(Caption(pairs.captions(i)[0], pairs.spec(i)), scene_rng(0, "augment/paraphrase", i))
+    assert again.text == para[0] and again.spec == pairs.spec(i) and again.spec.matches(pairs.scene(i))
+    assert len(augment_texts(pairs, i, "eda", 4)) == 4
+    with pytest.raises(RClipError, match="not a text augmentation"):
+        augment_texts(pairs, i, "randaugment", 4)
+
+
+def test_image_augmentations(pairs):
+    i = 2
+    x = pairs.images([i])[0]
+    ra = augment_images(pairs, i, "randaugment", 4)
+    assert ra.shape == (4, 3, 32, 32) and ra.min() >= 0 and ra.max() <= 1
+    assert torch.equal(ra, augment_images(pairs, i, "randaugment", 4))
+    assert not torch.allclose(ra, x.expand_as(ra), atol=1e-2)
+    gen = augment_images(pairs, i, "generator", 4)
+    assert gen.shape == (4, 3, 32, 32) and not torch.allclose(gen[0], x)
+    # the generated images depict what the caption says (the world renders them from its meaning)
+    for k in range(4):
+        again, scenes = world.spec_images([pairs.spec(i)], resolution=32, stream=f"generator/{i}/{k}")
+        assert torch.equal(again[0], gen[k]) and pairs.spec(i).matches(scenes[0])
+    assert torch.equal(randaugment(x, 2, seed=5), randaugment(x, 2, seed=5))
+
+
+@pytest.mark.parametrize("augment", ["human", "generator"])
+def test_augmented_pairs_never_augment_both_sides(pairs, augment):
+    data = AugmentedPairs(pairs, augment, 4)
+    assert len(data) == 12 * 5
+    batch = data.__getitems__(list(range(10)))
+    originals = pairs.__getitems__([0] * 5 + [1] * 5)
+    same_image = (batch["images"] == originals["images"]).flatten(1).all(1)
+    same_text = torch.tensor([a == b for a, b in zip(batch["texts"], originals["texts"])])
+    assert batch["augmented"].tolist() == [False, True, True, True, True] * 2
+    assert (same_image | same_text).all()                                  # never (I_aug, T_aug)
+    assert (same_image & same_text)[~batch["augmented"]].all()             # originals untouched
+    assert not (same_image & same_text)[batch["augmented"]].any()          # every augmented point differs
+    with pytest.raises(RClipError, match="exceeds"):
+        AugmentedPairs(pairs, augment, 5, n_aug_made=4)
+    with pytest.raises(RClipError, match="unknown augmentation"):
+        AugmentedPairs(pairs, "mixup")
+
+
+def test_alignment_and_diversity(tiny, pairs):
+    out = alignment_diversity(tiny, pairs, "human", range(4))
+    assert out["alignment"].shape == (4, 4) and out["original"].shape == (4,)
+    img = tiny.encode_images(pairs.images([1]))
+    txt = tiny.encode_texts(augment_texts(pairs, 1, "human", 4))
+    assert torch.allclose(out["alignment"][1], (txt @ img[0]), atol=1e-5)
+    order = aligned_order(tiny, pairs, "human")
+    assert order.shape == (12, 4)
+    assert (out["alignment"][1][order[1]].diff() <= 1e-6).all()          # sorted by decreasing alignment
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+def _cfg(method, **kw):
+    return MA2TConfig(method, eps=4 / 255, attack_steps=1,
+                      train=TrainConfig(steps=2, batch_size=4, lr=1e-3, warmup_steps=1, ckpt_every=1, log_every=1),
+                      **kw)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_what_it_should(tiny, pairs, method):
+    tuned, log = ma2t_clip(tiny, _cfg(method), pairs, {"n": 12})
+    assert log["last_step"] == 2 and np.isfinite([r["loss"] for r in log["records"]]).all()
+    before, after = tiny.model.state_dict(), tuned.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("visual.") for k in changed)
+    text_changed = any(not k.startswith("visual.") and k != "logit_scale" for k in changed)
+    assert text_changed == (method != "tecoa")                              # TeCoA trains the image tower only
+    again, _ = ma2t_clip(tiny, _cfg(method), pairs, {"n": 12})              # cached: loaded, not retrained
+    assert torch.equal(again.model.visual.conv1.weight, tuned.model.visual.conv1.weight)
+
+
+def test_mat_attacks_the_text_and_ma2t_uses_the_augmented_set(tiny, pairs):
+    calls = []
+    import rclip.methods.ma2t as ma2t
+
+    original = ma2t.text_attack
+
+    def spy(bundle, texts, cfg):
+        out = original(bundle, texts, cfg)
+        calls.append((list(texts), out, cfg.criterion))
+        return out
+    ma2t.text_attack = spy
+    try:
+        loss = ma2t_step(tiny, _cfg("mat"))(tiny.model, pairs.__getitems__([0, 1, 2, 3]))
+    finally:
+        ma2t.text_attack = original
+    assert torch.isfinite(loss) and calls and calls[0][2] == "l2"       # Eq. 4: the L2 shift
+    assert calls[0][0] != calls[0][1]
+    _, log = ma2t_clip(tiny, _cfg("mat", augment="human"), pairs, {"n": 12})
+    assert log["train_pairs"] == 12 * 5
+    assert json.dumps(log["method"]["augment"]) == '"human"'
+    with pytest.raises(RClipError, match="unknown method"):
+        ma2t_step(tiny, _cfg("trades"))
+
+
+def test_real_retrieval_pairs_and_the_sgd_option(tmp_path, tiny):
+    from PIL import Image
+
+    from rclip.data import retrieval_dataset
+
+    (tmp_path / "img").mkdir()
+    images = []
+    for k in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(tmp_path / "img" / f"{k}.png")
+        images.append({"filename": f"{k}.png", "split": "train",
+                       "sentences": [{"raw": f"Caption {j} of image {k}."} for j in range(5)]})
+    (tmp_path / "k.json").write_text(json.dumps({"images": images}))
+    rset = retrieval_dataset(tmp_path / "k.json", tmp_path / "img", tiny.preprocess, split="train")
+    real = RetrievalSetPairs(rset)
+    assert len(real) == 3 and real.captions(1)[0] == "caption 0 of image 1"
+    assert augment_texts(real, 1, "human", 4) == real.captions(1)[1:]
+    with pytest.raises(RClipError, match="world's ground truth"):
+        AugmentedPairs(real, "generator")
+    opt = make_optimizer(tiny.model, TrainConfig(steps=1, optimizer="sgd", lr=0.1, momentum=0.5))
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["momentum"] == 0.5
+    with pytest.raises(RClipError, match="unknown optimizer"):
+        make_optimizer(tiny.model, TrainConfig(steps=1, optimizer="lbfgs"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paper scale: fail fast, then the chapter end to end on stand-ins
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_paper_inputs_fail_fast(tmp_path):
+    import time
+
+    from rclip import models
+    from rclip.methods.ma2t import paper_retrieval_inputs
+
+    with pytest.raises(RClipError, match="needs the profile's inputs"):
+        paper_retrieval_inputs(None, "flickr30k")
+    with pytest.raises(RClipError, match=r"inputs.datasets.flickr30k.annotations and .images not set"):
+        paper_retrieval_inputs({"datasets": {"flickr30k": {"annotations": None, "images": None}}}, "flickr30k")
+    with pytest.raises(RClipError, match="does not exist"):
+        paper_retrieval_inputs({"datasets": {"coco": {"annotations": str(tmp_path / "none.json"),
+                                                      "images": str(tmp_path)}}}, "coco")
+    t0 = time.time()
+    with pytest.raises(RClipError, match="offline"):   # the paper's ViT-B/16, not in the local cache
+        models.load("ViT-B-16", "openai")
+    assert time.time() - t0 < 10
+
+
+@pytest.mark.slow
+def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
+    """A tiny checkpoint, a Karpathy JSON and a few PNGs in place of ViT-B/16 and Flickr30k."""
+    import os
+    from pathlib import Path
+
+    import papermill as pm
+    from PIL import Image
+
+    from rclip import models
+    from rclip.attacks import WordNetSubstitutes
+    from rclip.profiles import notebook_parameters
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "images").mkdir()
+    colours = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 170, 60), "yellow": (230, 215, 40)}
+    entries = []
+    for k in range(12):
+        name, rgb = list(colours.items())[k % 4]
+        img = np.zeros((40, 40, 3), np.uint8)
+        img[10:30, 10:30] = rgb
+        Image.fromarray(img).save(tmp_path / "images" / f"{k}.png")
+        shape = ["circle", "square", "star"][k % 3]
+        entries.append({"filename": f"{k}.png", "split": "test" if k < 4 else "train",
+                        "sentences": [{"raw": s} for s in (f"A {name} {shape}.", f"a {shape} coloured {name}",
+                                                           f"one {name} thing", f"a picture of a {shape}",
+                                                           f"a {name} {shape} on a plain background")]})
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))
+    ckpt = tmp_path / "tiny.safetensors"
+    models.save(tiny, ckpt)
+    inputs = {"model": "ViT-B-32", "datasets": {"flickr30k": {"annotations": str(tmp_path / "dataset_flickr30k.json"),
+                                                              "images": str(tmp_path / "images")}}}
+    params = notebook_parameters("paper", "03_ma2t")
+    assert params["scale"] == "paper" and params["model"] == "ViT-B-16"
+    results = tmp_path / "03_ma2t.json"
+    params.update(notebook_parameters("smoke", "03_ma2t"))
+    params.update(scale="paper", inputs=inputs, model=None, pretrained=None, checkpoint=str(ckpt), n_eval=4,
+                  n_train=8, n_train_eval=4, text_source="synonyms", attack_sources=["synonyms"],
+                  augmentations=["eda", "human"], figure3_augmentations=["human"],
+                  figure3_counts=[0, 4], results_path=str(results))
+    os.environ.setdefault("RCLIP_ROOT", str(root))
+    wordnet = WordNetSubstitutes.available()
+    if not wordnet:  # EDA at paper scale needs WordNet: the notebook stops, naming the fix
+        with pytest.raises(pm.PapermillExecutionError, match="WordNet is not available"):
+            pm.execute_notebook(str(root / "notebooks" / "03_ma2t.ipynb"), str(tmp_path / "fail.ipynb"),
+                                parameters=params, kernel_name="python3", cwd=str(root / "notebooks"),
+                                progress_bar=False)
+        params["augmentations"] = ["human"]
+    pm.execute_notebook(str(root / "notebooks" / "03_ma2t.ipynb"), str(tmp_path / "out.ipynb"), parameters=params,
+                        kernel_name="python3", cwd=str(root / "notebooks"), progress_bar=False)
+    res = json.loads(results.read_text())["results"]
+    assert res["scale"] == "paper" and res["n_eval"] == 4 and res["budgets_255"] == {"2/255": 2.0}
+    assert {"Fine-tune | clean", "MAT | SGA 2/255"} <= set(res["table1"])
+    assert set(res["augmentation_gain"]) == ({"eda", "human"} if wordnet else {"human"})
+    assert "MAT_Img + I2T(Human) | Co-Attack" in res["table3"] and res["claims"]

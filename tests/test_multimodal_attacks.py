@@ -1,0 +1,125 @@
+"""Image and multimodal retrieval attacks (PGD, Co-Attack, SGA) on a tiny CLIP: each lowers what it targets more
+than a random perturbation of the same size, stays in the budget, is deterministic; the success rate against
+brute force."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rclip import world
+from rclip.attacks import (RetrievalAttackConfig, attack_success, co_attack, evaluate_attacks, pgd_retrieval,
+                           scaled_views, sga, text_attack)
+from rclip.attacks.image import ascend
+from rclip.attacks.text import TextAttackConfig
+from rclip.errors import RClipError
+
+EPS = 8 / 255
+
+
+@pytest.fixture(scope="module")
+def gallery():
+    return world.retrieval_set(split="test", n=6, resolution=32)
+
+
+def features(bundle, images):
+    with torch.no_grad():
+        return bundle.image_features(images).float()
+
+
+def texts(bundle, captions):
+    with torch.no_grad():
+        return bundle.text_features(bundle.tokenizer(captions)).float()
+
+
+def random_sign(images, eps, seed=1):
+    noise = torch.randint(0, 2, images.shape, generator=torch.Generator().manual_seed(seed)).float() * 2 - 1
+    return (images + eps * noise).clamp(0, 1)
+
+
+def own_similarity(bundle, images, rset, captions=None):
+    """Mean cosine similarity of each image to its own captions."""
+    t = texts(bundle, captions or rset.captions)
+    f = features(bundle, images)
+    return torch.stack([(f[i] @ t[caps].T).mean() for i, caps in enumerate(rset.img2txt)])
+
+
+def check_budget(adv, x, eps):
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+
+
+def test_pgd_lowers_similarity_more_than_random_noise(tiny, gallery):
+    x = gallery.image_tensor()
+    cfg = RetrievalAttackConfig(eps=EPS, steps=5)
+    adv = pgd_retrieval(tiny, x, gallery.captions, gallery.img2txt, cfg)
+    check_budget(adv, x, EPS)
+    assert (own_similarity(tiny, adv, gallery) < own_similarity(tiny, random_sign(x, EPS), gallery)).all()
+    assert torch.equal(adv, pgd_retrieval(tiny, x, gallery.captions, gallery.img2txt, cfg))  # seeded
+
+
+def test_co_attack_moves_images_away_from_clean_and_adversarial_text(tiny, gallery):
+    x = gallery.image_tensor()
+    cfg = RetrievalAttackConfig(eps=EPS, steps=5)
+    adv, caps = co_attack(tiny, x, gallery.captions, gallery.img2txt, cfg)
+    check_budget(adv, x, EPS)
+    assert caps == text_attack(tiny, gallery.captions, TextAttackConfig(criterion="kl"))  # the text goes first
+    paired = texts(tiny, [caps[c[0]] for c in gallery.img2txt])
+    rand = random_sign(x, EPS)
+
+    def objective(images):  # Co-Attack's: KL from the clean embedding + 3 x KL to the adversarial text
+        with torch.no_grad():
+            u0 = tiny.model.encode_image(tiny.normalize(x))
+            u = tiny.model.encode_image(tiny.normalize(images))
+        kl1 = F.kl_div(u.log_softmax(-1), u0.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+        kl2 = F.kl_div(F.normalize(u, dim=-1).log_softmax(-1), paired.log_softmax(-1), log_target=True,
+                       reduction="none").sum(-1)
+        return kl1 + 3 * kl2
+    assert (objective(adv) > objective(rand)).all()
+    assert ((features(tiny, adv) * paired).sum(-1) < (features(tiny, rand) * paired).sum(-1)).float().mean() >= 0.8
+
+
+def test_sga_lowers_similarity_to_the_adversarial_caption_set(tiny, gallery):
+    x = gallery.image_tensor()
+    cfg = RetrievalAttackConfig(eps=EPS, steps=5)
+    adv, caps = sga(tiny, x, gallery.captions, gallery.img2txt, cfg)
+    check_budget(adv, x, EPS)
+    # the final captions are the original ones attacked again, guided by the adversarial images
+    owner = gallery.txt2img
+    again = text_attack(tiny, gallery.captions, TextAttackConfig(criterion="guide"), guide=features(tiny, adv)[owner])
+    assert caps == again
+    assert (own_similarity(tiny, adv, gallery, caps) < own_similarity(tiny, random_sign(x, EPS), gallery, caps)).all()
+
+
+def test_scaled_views_are_sga_image_set():
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
+    v = scaled_views(x, (0.5, 0.75, 1.25, 1.5), 0.05, torch.Generator().manual_seed(0))
+    assert v.shape == (10, 3, 32, 32) and torch.equal(v[:2], x)
+    assert (v[2:] - x.repeat(4, 1, 1, 1)).abs().mean() < 0.2   # blurred, noisy copies of the same images
+    v.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_ascend_explicit_start_is_projected():
+    x = torch.full((1, 3, 4, 4), 0.5)
+    out = ascend(lambda a: a.sum() * 0, x, 0.1, steps=0, alpha=0.01, start=x + 1.0)
+    assert torch.allclose(out, x + 0.1)
+
+
+def test_evaluation_scores_the_full_gallery_and_shares_the_text_attack(tiny, gallery):
+    cfg = RetrievalAttackConfig(eps=EPS, steps=2)
+    res = evaluate_attacks(tiny, gallery, ["clean", "text", "co-attack", "pgd"], cfg, ks=(1, 5))
+    assert res["text"].captions == res["co-attack"].captions
+    assert res["clean"].captions == gallery.captions and res["pgd"].captions == gallery.captions
+    for r in res.values():
+        assert len(r.i2t_ranks) == 6 and len(r.t2i_ranks) == 30
+        assert r.recall["i2t_R@1"] == pytest.approx(100 * (r.i2t_ranks < 1).float().mean().item())
+    with pytest.raises(RClipError, match="unknown retrieval attack"):
+        evaluate_attacks(tiny, gallery, ["bert"], cfg)
+
+
+def test_attack_success_is_the_share_of_correct_queries_lost():
+    clean = torch.tensor([0, 0, 3, 0, 7])
+    adv = torch.tensor([0, 2, 0, 5, 9])
+    # correct before (rank < 1): queries 0, 1, 3; of those, 1 and 3 fail after -> 2 / 3
+    assert attack_success(clean, adv, k=1) == pytest.approx(200 / 3)
+    brute = sum(1 for c, a in zip(clean.tolist(), adv.tolist()) if c < 5 and a >= 5) / sum(c < 5 for c in clean.tolist())
+    assert attack_success(clean, adv, k=5) == pytest.approx(100 * brute)
+    assert attack_success(torch.tensor([3]), torch.tensor([0]), k=1) != attack_success(torch.tensor([3]), torch.tensor([0]), k=1)  # NaN

@@ -1,0 +1,231 @@
+"""Poisoning defenses against first principles: augmentations pixel by pixel, EDA edits word by word, the masked
+InfoNCE against the training loss on a subset, the GMM against Bayes' rule, the bank against a FIFO list, and every
+trainer's resume against an uninterrupted run (weights and between-epoch state identical)."""
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.stats import norm
+
+from rclip import models
+from rclip.data.pairs import FocusedWorldPairs, PairCorpus
+from rclip.errors import RClipError
+from rclip.methods import otcclip as otc
+from rclip.methods import poison_defenses as pdef
+from rclip.methods.poison_defenses import (MemoryBank, PretrainConfig, RoCLIPConfig, SafeCLIPConfig, augment_images,
+                                           defended_clip, eda, fit_gmm_1d, make_trainer, masked_contrastive)
+from rclip.train import TrainConfig, TrainHooks, contrastive_loss, fit, lr_at
+from rclip.world.language import LEXICON
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return PairCorpus.render(FocusedWorldPairs(64, seed=5, mentions=("colour", "texture"), size=1))
+
+
+def test_image_augmentation_is_a_crop_flip_and_jitter():
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    same = augment_images(x, torch.Generator().manual_seed(1), scale=(1.0, 1.0), flip_p=0.0, jitter=0.0)
+    assert torch.allclose(same, x, atol=1e-5)                                  # the identity crop
+    flipped = augment_images(x, torch.Generator().manual_seed(1), scale=(1.0, 1.0), flip_p=1.0, jitter=0.0)
+    assert torch.allclose(flipped, x.flip(-1), atol=1e-5)
+    a = augment_images(x, torch.Generator().manual_seed(2))
+    b = augment_images(x, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert not torch.allclose(a, x, atol=1e-2)
+    bright = augment_images(x, torch.Generator().manual_seed(3), scale=(1.0, 1.0), flip_p=0.0, jitter=0.5)
+    ratio = bright.mean((1, 2, 3)) / x.mean((1, 2, 3))          # contrast keeps the mean, brightness scales it
+    assert ((ratio > 0.5 - 1e-3) & (ratio < 1.5 + 1e-3)).all() and not torch.allclose(ratio, torch.ones(3))
+
+
+def test_eda_edits_words_as_it_says():
+    text = "a small red circle on a striped background"
+    words = text.split()
+    seen = set()
+    for seed in range(60):
+        rng = np.random.default_rng(seed)
+        out = eda(text, rng).split()
+        if sorted(out) == sorted(words) and out != words:
+            seen.add("swap")
+        elif len(out) < len(words):
+            assert all(w in words for w in out)
+            seen.add("delete")
+        elif len(out) > len(words):
+            extra = list(out)
+            for w in words:
+                extra.remove(w)
+            assert all(LEXICON.canonical(e) in {LEXICON.canonical(w) for w in words} for e in extra)
+            seen.add("insert")
+        elif out != words:
+            changed = [(a, b) for a, b in zip(words, out) if a != b]
+            assert all(LEXICON.canonical(a) == LEXICON.canonical(b) for a, b in changed)
+            seen.add("synonym")
+    assert seen == {"swap", "delete", "insert", "synonym"}
+    assert eda("word", np.random.default_rng(0)) == "word"
+    assert eda(text, np.random.default_rng(7)) == eda(text, np.random.default_rng(7))
+
+
+def test_masked_contrastive_is_clip_loss_on_the_kept_pairs():
+    g = torch.Generator().manual_seed(0)
+    a = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    b = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    scale = torch.tensor(7.0)
+    assert torch.allclose(masked_contrastive(a, b, scale), contrastive_loss(a, b, scale))
+    keep = torch.tensor([True, False, True, True, False, True])
+    assert torch.allclose(masked_contrastive(a, b, scale, keep), contrastive_loss(a[keep], b[keep], scale), atol=1e-6)
+    none = masked_contrastive(a.requires_grad_(), b, scale, torch.zeros(6, dtype=torch.bool))
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def test_gmm_recovers_a_mixture_and_its_posterior_is_bayes():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([0.1 + 0.05 * torch.randn(3000, generator=g), 0.6 + 0.1 * torch.randn(1000, generator=g)])
+    gmm = fit_gmm_1d(x)
+    assert gmm["means"].tolist() == pytest.approx([0.1, 0.6], abs=0.01)
+    assert gmm["stds"].tolist() == pytest.approx([0.05, 0.1], abs=0.01)
+    assert gmm["weights"].tolist() == pytest.approx([0.75, 0.25], abs=0.02)
+    (m0, m1), (s0, s1), (w0, w1) = gmm["means"].tolist(), gmm["stds"].tolist(), gmm["weights"].tolist()
+    p1 = w1 * norm.pdf(x.numpy(), m1, s1)
+    bayes = p1 / (p1 + w0 * norm.pdf(x.numpy(), m0, s0))
+    assert torch.allclose(gmm["posterior"], torch.as_tensor(bayes), atol=1e-6)
+    ll = float(torch.as_tensor(p1 + w0 * norm.pdf(x.numpy(), m0, s0)).log().mean())
+    assert gmm["log_likelihood"] == pytest.approx(ll, abs=1e-6)
+    with pytest.raises(RClipError, match="GMM"):
+        fit_gmm_1d(torch.tensor([float("nan"), 1.0]))
+
+
+def test_memory_bank_is_a_fifo_with_nearest_neighbours():
+    bank, ref = MemoryBank(5, 3), deque(maxlen=5)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        feats = F.normalize(torch.randn(3, 3, generator=g), dim=-1)
+        idx = torch.arange(3) + 10 * step
+        bank.push(feats, idx)
+        ref.extend(zip(feats, idx.tolist()))
+        assert bank.count == len(ref)
+        stored = {int(i): f for f, i in zip(bank.features[:bank.count], bank.index[:bank.count])}
+        assert sorted(stored) == sorted(i for _, i in ref)
+    q = F.normalize(torch.randn(4, 3, generator=g), dim=-1)
+    nearest, index = bank.nearest(q)
+    brute = torch.stack([f for f, _ in ref])
+    best = (q @ brute.T).argmax(1)
+    assert torch.allclose(nearest, brute[best]) and index.tolist() == [list(ref)[int(b)][1] for b in best]
+
+
+def test_roclip_matches_images_to_captions_already_in_the_bank(tiny, corpus):
+    schedule = PretrainConfig(epochs=2, batch_size=16)
+    trainer = make_trainer("roclip", tiny, corpus, schedule, RoCLIPConfig(bank_size=32, match_every=2))
+    tiny.model.train()
+    try:
+        for step in range(8):                                   # epoch 0 plain, epoch 1 matching
+            trainer.before_step(step)
+            before = set(trainer.bank.index[:trainer.bank.count].tolist())
+            batch = corpus.__getitems__(list(range((16 * step) % 64, (16 * step) % 64 + 16)))
+            loss = trainer.loss(tiny.model, batch)
+            assert torch.isfinite(loss)
+            if step >= 4:
+                assert set(trainer.matches[-1]["caption"][-16:].tolist()) <= before
+    finally:
+        tiny.model.eval()
+    assert [m["epoch"] for m in trainer.matches] == [1] and len(trainer.matches[0]["image"]) == 64
+
+
+def test_safeclip_splits_by_the_gmm_then_grows(tiny, corpus, monkeypatch):
+    sims = torch.cat([torch.full((48,), 0.5), torch.full((16,), -0.2)]) + 0.01 * torch.randn(
+        64, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(pdef, "pair_similarities", lambda bundle, c: sims)
+    trainer = make_trainer("safeclip", tiny, corpus, PretrainConfig(epochs=6, batch_size=16),
+                           SafeCLIPConfig(unimodal_epochs=1, lowlr_epochs=1, lowlr_scale=0.25, safe_growth=0.1))
+    assert [trainer.phase(e) for e in range(4)] == ["unimodal", "lowlr", "filtered", "filtered"]
+    assert trainer.lr_scale(4) == 0.25 and trainer.lr_scale(0) == 1.0 and trainer.lr_scale(8) == 1.0
+    trainer.before_step(8)                                      # epoch 2: the first split, p >= 0.9
+    assert trainer.safe.tolist() == (fit_gmm_1d(sims)["posterior"] >= 0.9).tolist() and trainer.fraction == 0.75
+    trainer.before_step(12)                                     # epoch 3: the top 85 % by posterior
+    assert int(trainer.safe.sum()) == round(0.85 * 64) and trainer.safe[:48].all()
+    assert trainer.splits[0]["poisoned"] == 0 and len(trainer.splits) == 2
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _run(bundle, corpus, method, config, out, crash_at=None):
+    """fit for 2 epochs of 3 steps with a checkpoint every 2 steps; optionally crash (like a killed process) before
+    step crash_at."""
+    schedule = PretrainConfig(epochs=2, batch_size=16, lr=1e-3, warmup_steps=2)
+    trainer = make_trainer(method, bundle, corpus, schedule, config)
+    cfg = TrainConfig(steps=6, batch_size=16, lr=1e-3, warmup_steps=2, ckpt_every=2, log_every=1)
+
+    def loss(net, batch):
+        if crash_at is not None and trainer.step == crash_at:
+            raise _Crash
+        return trainer.loss(net, batch)
+    fit(bundle, corpus, cfg, out, loss, module=getattr(trainer, "module", None), hooks=trainer, progress=False)
+    return trainer
+
+
+@pytest.mark.parametrize("method,config", [
+    ("roclip", RoCLIPConfig(bank_size=24, match_every=2)),
+    ("safeclip", SafeCLIPConfig(unimodal_epochs=0, lowlr_epochs=1)),
+    ("otcclip", otc.OTCCLIPConfig(rematch_start=1, rematch_every=1, matching=otc.RematchConfig(k=4),
+                                  align=otc.AlignmentConfig(ot=otc.OTConfig(max_iter=10), negatives=1))),
+])
+def test_an_interrupted_run_resumes_to_the_same_model_and_state(corpus, tmp_path, method, config):
+    small = PairCorpus(corpus.uint8[:48], corpus.texts[:48])        # 3 steps per epoch
+    torch.manual_seed(0)
+    whole = models.load("rclip-tiny")
+    ref = _run(whole, small, method, config, tmp_path / "whole")
+    torch.manual_seed(0)
+    broken = models.load("rclip-tiny")
+    with pytest.raises(_Crash):
+        _run(broken, small, method, config, tmp_path / "broken", crash_at=5)   # mid-epoch 1, after ckpt 4
+    resumed = models.load("rclip-tiny")                                        # a fresh process: other weights
+    again = _run(resumed, small, method, config, tmp_path / "broken")
+    for (k, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert _flat(ref.state_dict()) == _flat(again.state_dict())
+    assert ref.epoch_done == 1 and (method != "otcclip" or [e["epoch"] for e in again.events] == [1])
+
+
+def _flat(obj):
+    if isinstance(obj, dict):
+        return {k: _flat(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_flat(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return obj
+
+
+def test_hooks_scale_the_learning_rate_and_need_their_state_on_resume(tiny, corpus, tmp_path):
+    class Half(TrainHooks):
+        def lr_scale(self, step):
+            return 0.5
+
+    cfg = TrainConfig(steps=3, batch_size=16, lr=1e-3, warmup_steps=1, log_every=1, ckpt_every=3)
+    bundle = models.load("rclip-tiny")
+    trainer = make_trainer("clip", bundle, corpus, PretrainConfig(epochs=1, batch_size=16))
+    log = fit(bundle, corpus, cfg, tmp_path / "a", trainer.loss, hooks=Half(), progress=False)
+    assert [r["lr"] for r in log["records"]] == [0.5 * lr_at(s, cfg) for s in range(3)]
+    plain = tmp_path / "b"
+    fit(bundle, corpus, TrainConfig(steps=3, batch_size=16, ckpt_every=3), plain, trainer.loss, progress=False)
+    with pytest.raises(RClipError, match="without the method's state"):
+        fit(bundle, corpus, TrainConfig(steps=6, batch_size=16, ckpt_every=3), plain, trainer.loss, hooks=trainer,
+            progress=False)
+
+
+def test_defended_clip_is_cached_by_its_settings(corpus, monkeypatch):
+    schedule = PretrainConfig(epochs=1, batch_size=32, warmup_steps=1)
+    first, log, report = defended_clip("rclip-tiny", corpus, {"c": 1}, "clip", schedule)
+    assert log["last_step"] == 2 and report == {}
+    monkeypatch.setattr(pdef, "pretrain_defense", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    again, _, _ = defended_clip("rclip-tiny", corpus, {"c": 1}, "clip", schedule)
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()))
+    with pytest.raises(RClipError, match="unknown pre-training method"):
+        make_trainer("cleanclip", first, corpus, schedule)
+    with pytest.raises(RClipError, match="bank_size"):
+        make_trainer("roclip", first, corpus, schedule, RoCLIPConfig(bank_size=1000))
+    with pytest.raises(RClipError, match="no filtered epoch"):
+        make_trainer("safeclip", first, corpus, schedule)
