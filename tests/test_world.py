@@ -104,6 +104,13 @@ def test_generator_renders_what_the_caption_says():
     images, scenes = world.spec_images(specs, resolution=32)
     assert images.shape == (30, 3, 32, 32)
     assert all(sp.matches(sc) for sp, sc in zip(specs, scenes))
+    # a vague count ("several": 2-4) beside two mentioned distractors leaves room for 2 subject objects only
+    crowded = [world.caption_scene(world.sample_scene(rng, count=2, n_distractors=2), rng, ("shape", "distractors"))
+               for _ in range(60)]
+    crowded = [c.spec for c in crowded if len(c.spec.count) > 1 and len(c.spec.distractors) == 2]
+    assert crowded, "no caption with a vague count and two distractors was drawn"
+    _, scenes = world.spec_images(crowded, resolution=32)
+    assert all(sp.matches(sc) and sc.count == 2 for sp, sc in zip(crowded, scenes))
 
 
 def test_paraphrase_keeps_meaning_and_changes_words():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from rclip.world.attributes import COLOURS, COUNT_WORDS, POSITIONS, SHAPES, SIZES, TEXTURES
+from rclip.world.attributes import COLOURS, COUNT_WORDS, MAX_OBJECTS, POSITIONS, SHAPES, SIZES, TEXTURES
 from rclip.world.scenes import Scene
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,8 +148,15 @@ class CaptionSpec:
         return True
 
     def scene_constraints(self, rng: np.random.Generator) -> dict:
-        """Keyword arguments of :func:`~rclip.world.scenes.sample_scene` for a new scene this caption describes."""
-        count = int(rng.choice(sorted(self.count)))
+        """Keyword arguments of :func:`~rclip.world.scenes.sample_scene` for a new scene this caption describes.
+
+        The subject count is drawn among the caption's counts that leave room for the distractors it mentions
+        (a vague count such as "several" allows 2 to 4 objects, not all of them beside two distractors)."""
+        counts = [c for c in sorted(self.count) if c + len(self.distractors) <= MAX_OBJECTS]
+        if not counts:
+            raise ValueError(f"no scene has {sorted(self.count)} subject objects and {len(self.distractors)} "
+                             f"distractors (at most {MAX_OBJECTS} objects)")
+        count = int(rng.choice(counts))
         kw = dict(count=count, shape=self.shape, colour=self.colour, size=self.size, texture=self.texture,
                   position=self.position, distractors=self.distractors)
         if self.distractors:

@@ -127,8 +127,9 @@ def sample_scene(
         raise ValueError(f"count must be in 1..{MAX_OBJECTS}, got {count}")
     if position is not None and count != 1:
         raise ValueError("a position can only be pinned for a single subject object (count == 1)")
-    shape = _pick(rng, len(SHAPES), shape)
-    colour = _pick(rng, len(COLOURS), colour)
+    # a free subject attribute avoids the required distractors' (a distractor differs in both shape and colour)
+    shape = _pick(rng, len(SHAPES), shape, {s for s, _ in distractors})
+    colour = _pick(rng, len(COLOURS), colour, {c for _, c in distractors})
     size = _pick(rng, len(SIZES), size)
     texture = _pick(rng, len(TEXTURES), texture)
 
