@@ -1,17 +1,21 @@
 """The book pipeline: profiles -> papermill -> results JSON -> jupyter-book.
 
 ``run_book("cpu")`` executes every notebook in ``notebooks/`` with the profile's parameters into
-``_build/cpu/book/`` (each notebook writes ``results/<notebook>.json`` there), stages the narrative pages beside
+``_build/cpu/executed/`` (each notebook writes ``results/<notebook>.json`` there), stages the narrative pages beside
 them and builds the HTML into ``_build/cpu/_build/html``. ``publish=True`` writes the executed notebooks and results
 into ``book/`` instead (the committed outputs) and builds the root book. Nothing is moved into place until its
 notebook has run to the end; a failing notebook stops the run with a message naming the notebook and the cell.
 
-Inside a notebook, :class:`Run` records the profile, seed, device, library versions and wall time next to the
-results, and writes them atomically.
+Inside a notebook, :func:`start` resolves the notebook's parameters from its profile (whoever set ``profile``:
+``rclip book``, papermill's ``-p profile P``, or an edit of the parameters cell), applies explicit overrides, and
+returns a :class:`Run`, which records the resolved parameters, seed, device, library versions, code revision and
+wall time next to the results and writes them atomically.
 """
 from __future__ import annotations
 
+import ast
 import json
+import math
 import os
 import platform
 import shutil
@@ -25,12 +29,10 @@ import torch
 
 from rclip.cache import atomic_path, write_json
 from rclip.errors import RClipError
-from rclip.profiles import load_profile, notebook_parameters, project_root
+from rclip.profiles import (RUNNER_KEYS, declared_parameters, load_profile, notebook_names, parse_overrides,
+                            project_root, resolve, validate_profile)
 
-
-def notebook_names() -> list[str]:
-    """Notebook stems in execution order (their file names sort in chapter order)."""
-    return sorted(p.stem for p in (project_root() / "notebooks").glob("*.ipynb"))
+PUBLISHED_PROFILE = "world"   # the profile whose executed notebooks and results `book/` holds
 
 
 def seed_everything(seed: int) -> None:
@@ -43,36 +45,73 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def code_revision() -> str | None:
+    """The git commit of the project tree (``+dirty`` when tracked files differ from it), or None outside git."""
+    root = project_root()
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "rclip", "notebooks",
+                                "profiles"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 class Run:
-    """What a notebook records about itself. Use at the top of a notebook, ``run.save(results)`` at the end.
+    """What a notebook records about itself. Made by :func:`start` at the top of a notebook; ``run.save(results)``
+    at the end.
 
     ``results`` must be a JSON-serialisable dict of the notebook's key figures; it is written under the key
-    ``results``, apart from the run's metadata (``profile``, ``seed``, ``device``, ``versions``, ``wall_s``), so two
-    runs with the same profile, seed and device have identical ``results``.
+    ``results``, apart from the run's metadata (``profile``, ``parameters``, ``seed``, ``device``, ``versions``,
+    ``revision``, ``wall_s``), so two runs with the same profile, seed and device have identical ``results``.
     """
 
     def __init__(self, notebook: str, profile: str, seed: int = 0, device: str = "auto",
-                 results_path: str | None = None):
+                 results_path: str | None = None, params: dict | None = None, overridden=()):
         from rclip.world_clip import resolve_device
 
         self.notebook, self.profile, self.seed = notebook, profile, int(seed)
         self.device = resolve_device(device)
         self.results_path = Path(results_path) if results_path else None
+        self.params = dict(params or {})
+        self.overridden = list(overridden)
         self.t0 = time.time()
         seed_everything(self.seed)
+
+    @property
+    def results_dir(self) -> Path | None:
+        return self.results_path.parent if self.results_path is not None else None
+
+    def sibling_results(self, notebook: str) -> tuple[dict, str]:
+        """Another notebook's results JSON: the one this run's output directory holds (the same book run), else
+        the published one in ``book/results``. Returns ``(blob, where it was read)``."""
+        here = self.results_dir / f"{notebook}.json" if self.results_dir is not None else None
+        if here is not None and here.is_file():
+            return json.loads(here.read_text(encoding="utf-8")), str(here)
+        path = project_root() / "book" / "results" / f"{notebook}.json"
+        if not path.is_file():
+            raise RClipError(f"no results of {notebook} beside this run ({here}) nor published ({path}): run "
+                             f"`rclip book --profile {self.profile} --only {notebook}` first")
+        return json.loads(path.read_text(encoding="utf-8")), str(path)
 
     def save(self, results: dict) -> dict:
         from rclip.world_clip import library_versions
 
+        params = {k: v for k, v in self.params.items() if k != "results_path"}
         blob = {
             "notebook": self.notebook,
             "profile": self.profile,
+            "parameters": _jsonable(params),
+            "overridden": self.overridden,
             "seed": self.seed,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
             else (platform.processor() or "cpu"),
             "threads": torch.get_num_threads(),
             "versions": library_versions(),
+            "revision": code_revision(),
             "wall_s": round(time.time() - self.t0, 1),
             "results": _jsonable(results),
         }
@@ -81,8 +120,51 @@ class Run:
         return blob
 
 
+def _injected_parameters(namespace: dict) -> dict:
+    """The assignments of papermill's injected-parameters cell (source starting ``# Parameters``) in the kernel's
+    input history, the latest one; {} when the notebook was not run by papermill."""
+    for src in reversed(list(namespace.get("In") or namespace.get("_ih") or [])):
+        if isinstance(src, str) and src.lstrip().startswith("# Parameters"):
+            out = {}
+            for node in ast.parse(src).body:
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    out[node.targets[0].id] = namespace.get(node.targets[0].id)
+            return out
+    return {}
+
+
+def start(notebook: str, namespace: dict) -> Run:
+    """Resolve ``notebook``'s parameters in ``namespace`` (the notebook's ``globals()``) and start its :class:`Run`.
+
+    The profile named by ``namespace["profile"]`` supplies every parameter it sets for this notebook; a parameter
+    given explicitly — injected by papermill (``-p key value``, also by ``rclip book --set``) or edited in the
+    parameters cell (its value differs from the cell's default) — overrides it. An injected name the notebook does
+    not declare is an error naming the nearest declared one. The resolved values are written back into
+    ``namespace``, so the notebook's cells read them as plain variables.
+    """
+    declared = declared_parameters(notebook)
+    injected = _injected_parameters(namespace)
+    explicit = {k: v for k, v in injected.items() if k not in ("profile",)}
+    before = namespace.get("__rclip_resolved__") or {}     # a re-run of this cell: values it set are not edits
+    for key, default in declared.items():
+        if key in namespace and key not in explicit and key != "profile" and namespace[key] != default \
+                and not (key in before and namespace[key] == before[key]):
+            explicit[key] = namespace[key]                        # edited in the parameters cell
+    profile = namespace.get("profile") or declared.get("profile")
+    params, overridden = resolve(notebook, profile, explicit)
+    namespace.update(params)
+    namespace["__rclip_resolved__"] = dict(params)
+    if overridden:
+        print(f"[rclip] {notebook} at profile {profile!r}, overridden: "
+              + ", ".join(f"{k}={params[k]!r}" for k in overridden))
+    return Run(notebook, profile, params.get("seed", 0), params.get("device", "auto"), params.get("results_path"),
+               params=params, overridden=overridden)
+
+
 def _jsonable(obj):
-    """Round floats to 4 decimals and turn tensors/numpy values into plain Python, recursively."""
+    """Round floats to 4 decimals and turn tensors / numpy values into plain Python, recursively. NaN (a figure
+    with no value, e.g. an attack success rate with no correct query to attack) is written as null; infinity is
+    refused."""
     import numpy as np
 
     if isinstance(obj, dict):
@@ -91,49 +173,68 @@ def _jsonable(obj):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, torch.Tensor):
         return _jsonable(obj.tolist())
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
     if isinstance(obj, np.generic):
         return _jsonable(obj.item())
     if isinstance(obj, float):
-        if obj != obj:
-            raise RClipError("a result is NaN; refusing to write it")
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            raise RClipError("a result is infinite; refusing to write it")
         return round(obj, 4)
     return obj
+
+
+def records(df) -> dict:
+    """A table (pandas DataFrame) as ``{row: {column: value}}`` for a results JSON: multi-level labels joined
+    with " | ", values rounded, NaN as null."""
+    def label(k):
+        return " | ".join(map(str, k)) if isinstance(k, tuple) else str(k)
+
+    return {label(i): {label(c): _jsonable(v if not isinstance(v, float) else float(v)) for c, v in row.items()}
+            for i, row in df.iterrows()}
+
+
+def train_summary(log: dict) -> dict:
+    """The few figures of a training log a chapter reports: steps, wall time, final loss."""
+    records_ = log.get("records") or []
+    return {"steps": log.get("last_step"), "wall_s": log.get("wall_s"),
+            "final_loss": records_[-1]["loss"] if records_ else None}
 
 
 def load_results(notebook: str, book_dir: str | Path | None = None) -> dict:
     """The published ``results`` of a notebook (``book/results/<notebook>.json``)."""
     path = Path(book_dir or project_root() / "book") / "results" / f"{notebook}.json"
     if not path.is_file():
-        raise RClipError(f"{path} does not exist: run `rclip book --profile gpu --publish --only {notebook}` first")
+        raise RClipError(f"{path} does not exist: run `rclip book --profile {PUBLISHED_PROFILE} --publish --only "
+                         f"{notebook}` first")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def reference_budget(book_dir: str | Path | None = None) -> float:
-    """The world's reference budget (L-inf radius in [0, 1] units) fixed by chapter 0."""
-    value = load_results("00_world", book_dir)["results"]["reference_eps_255"]  # exact: a multiple of 1/255
-    if value is None:
-        raise RClipError("chapter 0 found no reference budget in its eps grid; extend eps_grid in its profile")
-    return float(value) / 255
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Execution and build
 # ----------------------------------------------------------------------------------------------------------------
 
-def execute_notebook(name: str, profile: str, dest_dir: Path, progress: bool = True) -> Path:
+def execute_notebook(name: str, profile: str, dest_dir: Path, progress: bool = True,
+                     overrides: dict | None = None) -> Path:
     """Execute ``notebooks/<name>.ipynb`` under ``profile`` into ``dest_dir/<name>.ipynb``.
 
-    The notebook is executed into a temporary file and moved into place only if every cell ran.
-    Raises :class:`RClipError` naming the notebook and the failing cell otherwise.
+    Papermill injects only what a user would pass by hand — ``profile``, ``results_path`` and the explicit
+    ``overrides`` — and the notebook resolves the rest from its profile (:func:`start`), so ``rclip book`` and
+    ``papermill ... -p profile P`` run the same parameters. The notebook is executed into a temporary file and
+    moved into place only if every cell ran. Raises :class:`RClipError` naming the notebook and the failing cell
+    otherwise.
     """
     import papermill as pm
 
     src = project_root() / "notebooks" / f"{name}.ipynb"
     if not src.is_file():
         raise RClipError(f"no notebook {src}; notebooks: {', '.join(notebook_names())}")
+    resolve(name, profile, overrides)                      # fails now, not inside the kernel, on a bad key
     dest_dir.mkdir(parents=True, exist_ok=True)
     (dest_dir / "results").mkdir(exist_ok=True)
-    params = notebook_parameters(profile, name)
+    params = {"profile": profile, **(overrides or {})}
     cwd = project_root() / "notebooks"
     # relative to the kernel's working directory, so no local path is written into a published notebook
     params["results_path"] = os.path.relpath((dest_dir / "results" / f"{name}.json").resolve(), cwd)
@@ -234,18 +335,32 @@ def validate_inputs(inputs: dict) -> None:
 
 
 def run_book(profile: str, *, publish: bool = False, only: list[str] | None = None, build: bool = True,
-             out: str | Path | None = None, progress: bool = True) -> int:
-    """Execute notebooks under ``profile`` and build the HTML. Returns a process exit code."""
-    prof = load_profile(profile)  # fail fast on an unknown profile
+             out: str | Path | None = None, progress: bool = True, overrides: list[str] | None = None) -> int:
+    """Execute notebooks under ``profile`` and build the HTML. Returns a process exit code.
+
+    only: notebook names (None: all; an empty list is an error). overrides: ``["NB.key=value", ...]``, applied
+    on top of the profile (recorded as overridden in the results)."""
+    prof = validate_profile(profile)  # fail fast on an unknown profile or a key no notebook declares
+    if publish and profile != PUBLISHED_PROFILE:
+        raise RClipError(f"--publish writes book/, which holds the published profile {PUBLISHED_PROFILE!r}; run "
+                         f"profile {profile!r} without --publish (it writes _build/{profile}/)")
+    if publish and overrides:
+        raise RClipError("--publish runs the published profile as it is; put changed settings in "
+                         f"profiles/{PUBLISHED_PROFILE}.yml rather than --set")
     if "inputs" in prof:
         validate_inputs(prof["inputs"])
     root = project_root()
     names = notebook_names()
-    if only:
+    if only is not None:
+        if not only:
+            raise RClipError(f"--only needs at least one notebook name; notebooks: {', '.join(names)}")
         unknown = sorted(set(only) - set(names))
         if unknown:
             raise RClipError(f"unknown notebooks {unknown}; notebooks: {', '.join(names)}")
         names = [n for n in names if n in only]
+    sets = parse_overrides(overrides, notebook_names())
+    for name in names:
+        resolve(name, profile, sets.get(name))
     if publish:
         executed, site = root / "book", root
     else:
@@ -259,7 +374,7 @@ def run_book(profile: str, *, publish: bool = False, only: list[str] | None = No
             continue
         t0 = time.time()
         print(f"[rclip book] executing {name} at profile {profile!r} ...", flush=True)
-        execute_notebook(name, profile, executed, progress=progress)
+        execute_notebook(name, profile, executed, progress=progress, overrides=sets.get(name))
         print(f"[rclip book] {name} done in {time.time() - t0:.0f} s", flush=True)
     if build:
         if not publish:

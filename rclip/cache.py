@@ -6,12 +6,16 @@ is atomic on POSIX), so an interrupted write never leaves a half-written file un
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+# Training-loop fields that never change the weights a run produces: left out of every cache key.
+BOOKKEEPING = ("log_every", "ckpt_every", "eval_every", "num_workers", "max_minutes")
 
 
 def cache_root() -> Path:
@@ -31,11 +35,40 @@ def key_of(params: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def artefact_path(kind: str, params: dict, suffix: str = "") -> Path:
-    """``<cache>/<kind>/<key><suffix>``: where an artefact made from ``params`` lives."""
-    d = cache_root() / kind
+@functools.lru_cache(maxsize=1)
+def code_hash() -> str:
+    """A hash of the ``rclip`` package's Python sources: part of every cache key, so an artefact made by other
+    code is never read back as this code's."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def cache_key(params) -> dict | list | object:
+    """The one cache-key rule: every field that changes the weights and nothing else. Dataclasses become dicts,
+    sets sorted lists, tuples lists; the bookkeeping fields of training loops (:data:`BOOKKEEPING`) are dropped
+    wherever they appear."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        params = dataclasses.asdict(params)
+    if isinstance(params, dict):
+        return {str(k): cache_key(v) for k, v in params.items() if k not in BOOKKEEPING}
+    if isinstance(params, (set, frozenset)):
+        return sorted(cache_key(v) for v in params)
+    if isinstance(params, (list, tuple)):
+        return [cache_key(v) for v in params]
+    return params
+
+
+def artefact_path(kind: str, params: dict, suffix: str = "", root: str | Path | None = None) -> Path:
+    """``<cache>/<kind>/<key><suffix>``: where an artefact made from ``params`` by this code lives (the key is
+    :func:`cache_key` of ``params`` plus :func:`code_hash`). ``root`` replaces ``$RCLIP_CACHE``."""
+    d = (Path(root) if root is not None else cache_root()) / kind
     d.mkdir(parents=True, exist_ok=True)
-    return d / f"{key_of(params)}{suffix}"
+    return d / f"{key_of({'params': cache_key(params), 'code': code_hash()})}{suffix}"
 
 
 @contextlib.contextmanager

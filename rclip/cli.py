@@ -1,6 +1,7 @@
 """The ``rclip`` command line.
 
-    rclip book --profile cpu [--publish] [--only 00_world]    execute the notebooks and build the book
+    rclip book --profile cpu [--only 00_world] [--set 01_cola.n_eval=500]   execute the notebooks, build the book
+    rclip book --profile world --publish                       the published book (writes book/)
     rclip world-clip train --profile gpu [--device cuda]       pre-train and write the shipped world CLIP
     rclip world-clip check                                     verify the shipped file against its checksum
     rclip profiles                                             list profiles and what they are for
@@ -48,14 +49,15 @@ def _cmd_book(args: argparse.Namespace) -> int:
     from rclip.book import run_book
 
     return run_book(args.profile, publish=args.publish, only=args.only, build=not args.no_build,
-                    out=args.out)
+                    out=args.out, overrides=args.set)
 
 
 def _cmd_profiles(args: argparse.Namespace) -> int:
     from rclip.profiles import list_profiles, load_profile
 
     for name in list_profiles():
-        print(f"{name:8s} {load_profile(name).get('description', '').strip().splitlines()[0]}")
+        description = str(load_profile(name).get("description") or "").strip().splitlines() or [""]
+        print(f"{name:8s} {description[0]}")
     return 0
 
 
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--only", nargs="*", help="notebook names to execute (default: all)")
     b.add_argument("--no-build", action="store_true", help="execute notebooks only; skip jupyter-book build")
     b.add_argument("--out", help="output directory for unpublished runs (default _build/<profile>)")
+    b.add_argument("--set", action="append", metavar="NB.KEY=VALUE",
+                   help="override one notebook parameter on top of the profile, e.g. --set 01_cola.n_eval=500 "
+                        "(repeatable; values are YAML)")
     b.set_defaults(func=_cmd_book)
 
     w = sub.add_parser("world-clip", help="train or check the shipped world CLIP")

@@ -80,6 +80,22 @@ class CLIPBundle:
     def image_size(self) -> int:
         return int(self.meta["image_size"])
 
+    def copy(self) -> "CLIPBundle":
+        """A copy with its own model and normalisation (weights copied); the tokenizer and preprocessing are shared
+        (the tokenizer's tables are large and read-only: deep-copying them costs more than a small model)."""
+        import copy
+
+        return CLIPBundle(model=copy.deepcopy(self.model), preprocess=self.preprocess,
+                          normalize=copy.deepcopy(self.normalize), tokenizer=self.tokenizer, meta=dict(self.meta))
+
+    def with_visual(self, state: dict) -> "CLIPBundle":
+        """A copy whose image tower has the weights ``state`` (e.g. a fused or fine-tuned tower); its ``sha256``
+        is cleared, since the weights are no longer the file's."""
+        out = self.copy()
+        out.model.visual.load_state_dict(dict(state))
+        out.meta["sha256"] = None
+        return out
+
     def to(self, device: torch.device | str) -> "CLIPBundle":
         self.model.to(device)
         self.normalize.to(device)

@@ -31,9 +31,18 @@ def _fit(x: torch.Tensor, y: torch.Tensor, k: int, l2: float, iters: int, init: 
     return w.detach()
 
 
-def _acc(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+def _correct(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    return 100.0 * ((xb @ w).argmax(1) == y).float().mean().item()
+    return (xb @ w).argmax(1) == y
+
+
+def _acc(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * _correct(w, x, y).float().mean().item()
+
+
+def pooled_pixels(images: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Raw-pixel features: (N, 3, H, W) images average-pooled to ``size`` x ``size`` and flattened."""
+    return F.adaptive_avg_pool2d(images, size).flatten(1)
 
 
 def linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
@@ -43,7 +52,7 @@ def linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tens
 
     Args:
         train, val, test: (features (N, D) or images (N, 3, H, W), flattened; labels (N,)).
-    Returns: ``{"test": acc, "val": best val acc, "l2": chosen strength}``.
+    Returns: ``{"test": acc, "val": best val acc, "l2": chosen strength, "test_correct": (N_test,) bool}``.
     """
     xs = [t[0].reshape(len(t[0]), -1).float() for t in (train, val, test)]
     ys = [t[1].long() for t in (train, val, test)]
@@ -57,4 +66,5 @@ def linear_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tens
         scores[l2] = _acc(w, xs[1], ys[1])
     best = max(scores, key=lambda l2: (scores[l2], l2))
     w = _fit(torch.cat(xs[:2]), torch.cat(ys[:2]), num_classes, best, iters, fits[best])
-    return {"test": _acc(w, xs[2], ys[2]), "val": scores[best], "l2": best}
+    hits = _correct(w, xs[2], ys[2])
+    return {"test": 100.0 * hits.float().mean().item(), "val": scores[best], "l2": best, "test_correct": hits}

@@ -372,3 +372,67 @@ def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | P
     log["wall_s"] = round(time.time() - t0, 1)
     log["last_step"] = step
     return log
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Train once, cache, reuse
+# ----------------------------------------------------------------------------------------------------------------
+
+def save_tower(path: Path, state: dict) -> None:
+    """Write an image tower's state dict as float32 safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp))
+
+
+def train_cached(kind: str, key: dict, train: Callable[[Path], tuple], *, base: CLIPBundle | None = None,
+                 part: str = "model", device: torch.device | str | None = None, root: str | Path | None = None
+                 ) -> tuple[CLIPBundle, dict, object]:
+    """The one train-and-cache rule of the library: a trained model is made once per cache key and read back
+    from ``$RCLIP_CACHE/<kind>/`` afterwards.
+
+    key: every setting that changes the weights (dataclass configs allowed; :func:`rclip.cache.cache_key` drops
+    the loop's bookkeeping fields, and the code's hash is added). Name the device in it only where it changes the
+    result. train: ``train(run_dir) -> (bundle, log)`` or ``(bundle, log, extra)``, training a copy it makes
+    itself and checkpointing into ``run_dir`` (an interrupted run resumes from there); ``extra`` (tensors, plain
+    Python) is stored beside the model. part: ``"model"`` stores the whole CLIP, ``"visual"`` only its image
+    tower (read back onto a copy of ``base``).
+
+    The artefact is written atomically, its log last (so a partly written artefact is never read as whole), and
+    ``run_dir``'s checkpoints are removed once it is in place. Both a fresh run and a cached one return what is read
+    back from disk: ``(bundle, log, extra)``.
+    """
+    from rclip import models
+    from rclip.cache import artefact_path
+
+    if part not in ("model", "visual"):
+        raise RClipError(f"part must be 'model' or 'visual', got {part!r}")
+    if part == "visual" and base is None:
+        raise RClipError("a cached image tower is read back onto a copy of `base`; pass base=")
+    path = artefact_path(kind, key, ".safetensors", root=root)
+    log_path, extra_path = path.with_suffix(".log.json"), path.with_suffix(".extra.pt")
+    if not (path.is_file() and log_path.is_file()):
+        run_dir = path.with_suffix(".run")
+        out = tuple(train(run_dir))
+        bundle, log, extra = (out + (None,))[:3]
+        if log.get("stopped_early"):
+            raise RClipError(f"{kind} training stopped early at step {log.get('last_step')}; run again to resume "
+                             f"from {run_dir}")
+        bundle.model.eval().requires_grad_(False)
+        if extra is not None:
+            with atomic_path(extra_path) as tmp:
+                torch.save(extra, tmp)
+        if part == "model":
+            models.save(bundle, path, extra={"trained": kind})
+        else:
+            save_tower(path, bundle.model.visual.state_dict())
+        write_json(log_path, log)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    dev = device if device is not None else (base.device if base is not None else "cpu")
+    if part == "model":
+        bundle = models.load(None, checkpoint=path, device=dev)
+    else:
+        bundle = base.with_visual(read_state_dict(path)[0])
+    extra = torch.load(extra_path, map_location="cpu", weights_only=True) if extra_path.is_file() else None
+    return bundle, json.loads(log_path.read_text(encoding="utf-8")), extra

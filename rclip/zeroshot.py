@@ -92,11 +92,17 @@ def predict(classifier: nn.Module, images: torch.Tensor, batch_size: int = 256) 
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
-def accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy in percent."""
+def correct(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+            ) -> torch.Tensor:
+    """Per-image top-1 correctness (N,) bool, on CPU: the per-item metric behind every accuracy."""
     if len(images) == 0:
         raise RClipError("cannot measure accuracy on zero images")
-    return 100.0 * (predict(classifier, images, batch_size) == labels.cpu()).float().mean().item()
+    return predict(classifier, images, batch_size) == labels.cpu()
+
+
+def accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * correct(classifier, images, labels, batch_size).float().mean().item()
 
 
 def evaluate(bundle: CLIPBundle, task: ZeroShotTask, sources: Sequence[str] = ("templates",),

@@ -9,7 +9,7 @@ import torch
 
 from rclip import models, world, zeroshot
 from rclip.errors import RClipError
-from rclip.methods.fusion import (FusionConfig, clone_bundle, fuse_clips, fuse_visual, neuron_cost, permute_visual,
+from rclip.methods.fusion import (FusionConfig, fuse_clips, fuse_visual, neuron_cost, permute_visual,
                                   transport_plans, visual_state)
 
 
@@ -45,7 +45,7 @@ def _assert_recovers(bundle, seed, x, cfg=FusionConfig("hard"), weights=(0.5, 0.
     # ... and hard fusion of (original, permuted) returns the original's weights and outputs
     models_ = [original, permuted]
     if cfg.features == "activations":
-        models_ = [bundle, clone_bundle(bundle)]
+        models_ = [bundle, bundle.copy()]
         models_[1].model.visual.load_state_dict(permuted)
     res = fuse_visual(models_, weights, cfg=cfg, heads=_heads(bundle), images=bundle.normalize(x))
     for k, v in original.items():
@@ -83,7 +83,7 @@ def test_fusion_recovers_a_permuted_vit_b_32():
 
 
 def test_fused_tower_keeps_the_text_tower_and_zero_shot_accuracy(world_clip):
-    permuted = clone_bundle(world_clip)
+    permuted = world_clip.copy()
     state, _ = permute_visual(visual_state(world_clip), _heads(world_clip), seed=4)
     permuted.model.visual.load_state_dict(state)
     task = world.zeroshot_task("shape", n=30, seed=1)
@@ -171,7 +171,7 @@ def test_bad_inputs_are_refused(world_clip, tiny):
         FusionConfig("optimal")
     with pytest.raises(RClipError, match="unsupported parameters"):
         fuse_visual([{**visual_state(tiny), "attn_pool.weight": torch.zeros(1)}])
-    other = clone_bundle(tiny)
+    other = tiny.copy()
     with torch.no_grad():
         other.model.text_projection.add_(1.0)
     with pytest.raises(RClipError, match="different text tower"):

@@ -15,7 +15,8 @@ from rclip.errors import RClipError
 
 
 @contextlib.contextmanager
-def _fp32_eval(model: nn.Module):
+def fp32_eval(model: nn.Module):
+    """Run ``model`` in eval mode with autocast off (CPU and CUDA): attacks and evaluation are always fp32."""
     was_training = model.training
     model.eval()
     try:
@@ -54,7 +55,7 @@ def per_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps:
         return images.detach().clone()
     bs = batch_size or len(images)
     out = []
-    with _fp32_eval(model):
+    with fp32_eval(model):
         for i in range(0, len(images), bs):
             x = images[i:i + bs].detach().float()
             out.append(attack_batch(x, labels[i:i + bs].to(x.device), i).detach())

@@ -108,10 +108,10 @@ def _similarity_descent(bundle, images, targets, cfg: RetrievalAttackConfig, att
 
 @torch.no_grad()
 def _image_embeddings(bundle, images: torch.Tensor, batch: int | None, normalize: bool = True) -> torch.Tensor:
-    from rclip.attacks.image import _fp32_eval
+    from rclip.attacks.image import fp32_eval
 
     bs = batch or len(images)
-    with _fp32_eval(bundle.model):
+    with fp32_eval(bundle.model):
         out = [bundle.model.encode_image(bundle.normalize(images[i:i + bs].to(bundle.device).float()),
                                          normalize=normalize).float() for i in range(0, len(images), bs)]
     return torch.cat(out)
@@ -120,9 +120,9 @@ def _image_embeddings(bundle, images: torch.Tensor, batch: int | None, normalize
 def pgd_retrieval(bundle, images: torch.Tensor, captions: Sequence[str], img2txt: Sequence[Sequence[int]],
                   cfg: RetrievalAttackConfig) -> torch.Tensor:
     """PGD on the images alone: lower each image's mean cosine similarity to its own clean captions."""
-    from rclip.attacks.image import _fp32_eval
+    from rclip.attacks.image import fp32_eval
 
-    with _fp32_eval(bundle.model):
+    with fp32_eval(bundle.model):
         txt = _embed(bundle, list(captions), cfg.text.batch_size)
     own = _owner_matrix(img2txt, len(captions)).to(txt.device)
     targets = (own @ txt) / own.sum(1, keepdim=True)
@@ -134,10 +134,10 @@ def co_attack(bundle, images: torch.Tensor, captions: Sequence[str], img2txt: Se
     """Co-Attack: adversarial captions first (``adv_captions`` if already made by :func:`text_attack` with the
     ``kl`` criterion), then each image against its clean embedding and its (first) caption's adversarial
     embedding. Returns (adversarial images (N, 3, H, W), adversarial captions)."""
-    from rclip.attacks.image import _fp32_eval
+    from rclip.attacks.image import fp32_eval
 
     adv_caps = list(adv_captions) if adv_captions is not None else kl_text_attack(bundle, captions, cfg)
-    with _fp32_eval(bundle.model):
+    with fp32_eval(bundle.model):
         txt = _embed(bundle, adv_caps, cfg.text.batch_size)
     paired = txt[torch.tensor([caps[0] for caps in img2txt], device=txt.device)]
     clean = _image_embeddings(bundle, images, cfg.image_batch, normalize=False)
@@ -165,7 +165,7 @@ def sga(bundle, images: torch.Tensor, captions: Sequence[str], img2txt: Sequence
         cfg: RetrievalAttackConfig) -> tuple[torch.Tensor, list[str]]:
     """SGA: captions guided by the clean image, the image guided by the set of its adversarial captions over
     rescaled copies, then the captions again guided by the adversarial image. Returns (images, captions)."""
-    from rclip.attacks.image import _fp32_eval
+    from rclip.attacks.image import fp32_eval
 
     owner = torch.empty(len(captions), dtype=torch.long)
     for i, caps in enumerate(img2txt):
@@ -173,7 +173,7 @@ def sga(bundle, images: torch.Tensor, captions: Sequence[str], img2txt: Sequence
     guided = replace(cfg.text, criterion="guide")
     clean = _image_embeddings(bundle, images, cfg.image_batch)
     adv_caps = text_attack(bundle, captions, guided, guide=clean[owner.to(clean.device)])
-    with _fp32_eval(bundle.model):
+    with fp32_eval(bundle.model):
         txt = _embed(bundle, adv_caps, cfg.text.batch_size)
     own = _owner_matrix(img2txt, len(captions)).to(txt.device)
     adv = _similarity_descent(bundle, images, own @ txt, cfg, "sga", True, torch.Generator().manual_seed(cfg.seed))

@@ -326,11 +326,11 @@ def _score(criterion: str, reference: torch.Tensor, guide: torch.Tensor | None, 
 
 def _importance(bundle, captions: list[str], mask: str, batch_size: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(the captions' embeddings (N, D), per caption the (n_words,) KL shift when each word is masked)."""
-    from rclip.attacks.image import _fp32_eval
+    from rclip.attacks.image import fp32_eval
 
     words = [c.split() for c in captions]
     variants = [" ".join(w[:j] + [mask] + w[j + 1:]) for w in words for j in range(len(w))]
-    with _fp32_eval(bundle.model):
+    with fp32_eval(bundle.model):
         orig = _embed(bundle, captions, batch_size)
         masked = _embed(bundle, variants, batch_size)
     owner = torch.repeat_interleave(torch.arange(len(words)), torch.tensor([len(w) for w in words], dtype=torch.long))
@@ -357,7 +357,7 @@ def text_attack(bundle, captions: Sequence[str], cfg: TextAttackConfig | None = 
         source: a substitute source object; default ``substitute_source(cfg.source)``.
     Returns: N adversarial captions; a caption with no substitutable word comes back unchanged.
     """
-    from rclip.attacks.image import _fp32_eval
+    from rclip.attacks.image import fp32_eval
 
     cfg = cfg or TextAttackConfig()
     if cfg.criterion not in CRITERIA:
@@ -402,7 +402,7 @@ def text_attack(bundle, captions: Sequence[str], cfg: TextAttackConfig | None = 
             for opt in options:
                 texts.append(" ".join(current[i][:j] + [opt] + current[i][j + 1:]))
                 owners.append(i)
-        with _fp32_eval(bundle.model):
+        with fp32_eval(bundle.model):
             emb = _embed(bundle, texts, cfg.batch_size)
         idx = torch.tensor(owners, device=emb.device)
         scores = _score(cfg.criterion, reference[idx], None if guide is None else guide[idx], emb).cpu()

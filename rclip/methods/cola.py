@@ -198,14 +198,16 @@ def _stack_texts(text_features, n_texts: int | None) -> torch.Tensor:
 
 
 def cosine_distortion(clean: torch.Tensor, adversarial: torch.Tensor, texts: torch.Tensor,
-                      basis: torch.Tensor | None = None) -> torch.Tensor:
+                      basis: torch.Tensor | None = None, per_image: bool = False) -> torch.Tensor:
     """Δ: mean |cos(x_adv, z) - cos(x, z)| over images and text features; with ``basis`` (D, C), Δ_Π after
-    projecting both image features with U_C U_Cᵀ. clean/adversarial: (B, D); texts: (T, D). Returns a scalar."""
+    projecting both image features with U_C U_Cᵀ. clean/adversarial: (B, D); texts: (T, D). Returns a scalar, or
+    with ``per_image`` the (B,) mean over text features of each image."""
     def cos(x):
         if basis is not None:
             x = x @ basis @ basis.T
         return F.normalize(x, dim=-1) @ F.normalize(texts, dim=-1).T
-    return (cos(adversarial) - cos(clean)).abs().mean()
+    gap = (cos(adversarial) - cos(clean)).abs()
+    return gap.mean(1) if per_image else gap.mean()
 
 
 def ot_margin(distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

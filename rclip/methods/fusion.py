@@ -672,18 +672,6 @@ def _with_anchor(x: torch.Tensor, anchor: int, others: list[int], mass: float) -
     return torch.stack(full)
 
 
-def clone_bundle(bundle):
-    """A copy of a CLIP bundle with its own model (weights copied), sharing the tokenizer and preprocessing (the
-    tokenizer's tables are large and read-only: deep-copying them costs more than a small model)."""
-    import copy
-
-    out = copy.copy(bundle)
-    out.model = copy.deepcopy(bundle.model)
-    out.normalize = copy.deepcopy(bundle.normalize)
-    out.meta = dict(bundle.meta)
-    return out
-
-
 def fuse_clips(bundles: Sequence, weights=None, *, anchor: int = 0, cfg: FusionConfig = FusionConfig(),
                solver: str = "rclip"):
     """Fuse the image towers of K CLIP bundles that share one text tower. Returns (fused bundle, FusionResult).
@@ -703,7 +691,7 @@ def fuse_clips(bundles: Sequence, weights=None, *, anchor: int = 0, cfg: FusionC
                              "work with the text tower they were trained against (fine-tune image towers with the "
                              "text tower frozen, then fuse them)")
     res = fuse_visual(bundles, weights, anchor=anchor, cfg=cfg, solver=solver)
-    fused = clone_bundle(bundles[anchor])
+    fused = bundles[anchor].copy()
     own = fused.model.visual.state_dict()
     fused.model.visual.load_state_dict({k: v.to(own[k]) for k, v in res.state.items()})
     fused.meta = {**fused.meta, "sha256": None, "fused": {"models": len(bundles), "alignment": cfg.alignment}}

@@ -37,14 +37,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rclip.attacks.image import autoattack, fgsm, mim, pgd
-from rclip.cache import artefact_path, atomic_path, write_json
+from rclip.attacks.image import fgsm, mim, pgd
+from rclip.cache import artefact_path, write_json
 from rclip.errors import RClipError
-from rclip.methods.fusion import FusionConfig, clone_bundle as clone, fuse_visual
+from rclip.methods.fusion import FusionConfig, fuse_visual
 from rclip.methods.robust_finetune import (AdvFinetuneConfig, _zero_shot_logits, fare_step,
                                            freeze_all_but_image_encoder)
-from rclip.train import LossFn, TrainConfig, fit
-from rclip.zeroshot import ZeroShotClassifier, class_embeddings, predict, zeroshot_classifier
+from rclip.train import LossFn, TrainConfig, fit, save_tower, train_cached
+from rclip.zeroshot import ZeroShotClassifier, class_embeddings, zeroshot_classifier
 
 ATTACKS = ("fgsm", "pgd", "mim")
 STRATEGIES = ("average", "direct", "hierarchical")
@@ -93,14 +93,6 @@ class HotClipConfig:
 
 class Tower(dict):
     """An image tower's state dict (parameter name -> tensor) that :class:`Residency` can watch."""
-
-
-def save_tower(path: Path, state: dict) -> None:
-    """Write an image tower's state dict as float32 safetensors, atomically."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp))
 
 
 class Residency:
@@ -242,12 +234,12 @@ class HotClip:
     # -- the cache -----------------------------------------------------------------------------------------------
     def path(self, key: dict) -> Path:
         """Where the tower made by ``key`` is cached (``$RCLIP_CACHE/hot_clip`` unless ``cache_dir`` was given)."""
-        if self.cache_dir is None:
-            return artefact_path("hot_clip", key, ".safetensors")
-        from rclip.cache import key_of
+        return artefact_path("hot_clip", key, ".safetensors", root=self.cache_dir)
 
-        (self.cache_dir / "hot_clip").mkdir(parents=True, exist_ok=True)
-        return self.cache_dir / "hot_clip" / f"{key_of(key)}.safetensors"
+    def is_cached(self, key: dict) -> bool:
+        """Whether the tower of ``key`` is complete in the cache (its log is written last)."""
+        p = self.path(key)
+        return p.is_file() and p.with_suffix(".log.json").is_file()
 
     def load(self, key: dict, what: str) -> Tower:
         """A cached tower, registered as resident."""
@@ -257,42 +249,37 @@ class HotClip:
         device = self.base.device
         return self.residency.track(Tower({k: v.to(device) for k, v in state.items()}), what)
 
-    def _save(self, key: dict, state: dict, log: dict | None = None) -> None:
+    def _save(self, key: dict, state: dict) -> None:
+        """Cache a fused (not trained) tower: the tower, then its log, as :func:`rclip.train.train_cached` does."""
         save_tower(self.path(key), state)
-        write_json(self.path(key).with_suffix(".json"), {"key": key, "log": log})
+        write_json(self.path(key).with_suffix(".log.json"), {"fused": True, "key": key})
 
     def cached_log(self, key: dict) -> dict | None:
-        p = self.path(key).with_suffix(".json")
-        return json.loads(p.read_text())["log"] if p.is_file() else None
+        p = self.path(key).with_suffix(".log.json")
+        return json.loads(p.read_text()) if p.is_file() else None
 
     def bundle(self, state: dict):
         """A copy of the base CLIP with this image tower (for evaluation)."""
-        b = clone(self.base)
-        b.model.visual.load_state_dict(dict(state))
-        b.meta = {**b.meta, "sha256": None}
-        return b
+        return self.base.with_visual(state)
 
     # -- training ------------------------------------------------------------------------------------------------
     def _finetune(self, state: dict | None, loss, train: TrainConfig, key: dict, what: str) -> tuple[Tower, dict]:
         """Fine-tune a copy of the base with image tower ``state`` (None: the base's) by ``loss(bundle)``; cache."""
-        tuned = clone(self.base)
-        if state is not None:
-            tuned.model.visual.load_state_dict(dict(state))
-        self.residency.track(tuned.model.visual, what)
-        freeze_all_but_image_encoder(tuned.model)
-        log = fit(tuned, self.dataset, train, self.path(key).with_suffix(".run"), loss(tuned),
-                  module=tuned.model.visual, progress=self.progress, desc=what)
-        if log.get("stopped_early"):
-            raise RClipError(f"{what} stopped early at step {log['last_step']}; run again to resume")
-        tuned.model.requires_grad_(False)
-        self._save(key, tuned.model.visual.state_dict(), log)
+        def run(run_dir):
+            tuned = self.base.copy() if state is None else self.base.with_visual(state)
+            self.residency.track(tuned.model.visual, what)
+            freeze_all_but_image_encoder(tuned.model)
+            return tuned, fit(tuned, self.dataset, train, run_dir, loss(tuned), module=tuned.model.visual,
+                              progress=self.progress, desc=what)
+
+        _, log, _ = train_cached("hot_clip", key, run, base=self.base, part="visual", root=self.cache_dir)
         return self.load(key, what), log
 
     def submodel(self, attack: str, template: str) -> Tower:
         """M^(a, t): the base's image tower fine-tuned adversarially under ``attack`` with ``template``."""
         key = self.submodel_key(attack, template)
         what = f"submodel {attack} / {template!r}"
-        if self.path(key).is_file():
+        if self.is_cached(key):
             return self.load(key, what)
         c = self.cfg
         tower, log = self._finetune(None, lambda b: submodel_step(b, self.class_weights(template), attack, c.eps,
@@ -316,7 +303,7 @@ class HotClip:
         """L-level: the attack's submodels OT-fused onto its t₀ submodel, then fine-tuned under the attack, t₀."""
         key = self.intra_key(attack)
         what = f"L-level {attack}"
-        if self.path(key).is_file():
+        if self.is_cached(key):
             return self.load(key, what)
         fused, _ = self._fuse([self.submodel(attack, t) for t in self.templates_for(attack)], f"{what} (fused)")
         c = self.cfg
@@ -333,7 +320,7 @@ class HotClip:
     def hierarchical(self) -> Tower:
         """V-level: the L-level models OT-fused onto the first attack's, then fine-tuned with FARE: HOT-CLIP."""
         key = self.hierarchical_key()
-        if self.path(key).is_file():
+        if self.is_cached(key):
             return self.load(key, "HOT-CLIP")
         for a in self.cfg.attacks:       # each L-level model is made, cached and released before the next
             self.intra(a)
@@ -357,7 +344,7 @@ class HotClip:
             raise RClipError(f"alignment must be 'ot' or 'none'; got {alignment!r}")
         key = self.direct_key("none" if alignment == "none" else "ot")
         what = "direct average" if alignment == "none" else "direct OT fusion"
-        if self.path(key).is_file():
+        if self.is_cached(key):
             return self.load(key, what)
         towers = [self.submodel(a, t) for a in self.cfg.attacks for t in self.templates_for(a)]
         fused, _ = self._fuse(towers, what, FusionConfig("none") if alignment == "none" else None)
@@ -400,38 +387,6 @@ def memory_profile(base, dataset, data_key: dict, classnames, templates, cfg: Ho
 
 def _heads(bundle) -> int:
     return int(bundle.model.visual.transformer.resblocks[0].attn.num_heads)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------------------
-
-def robust_accuracy(bundle, tasks: dict, budgets: dict[str, float], *, steps: int = 100, seed: int = 0,
-                    batch_size: int | None = None) -> dict[str, dict[str, float]]:
-    """Zero-shot top-1 (%) of ``bundle`` on each task, clean and under AutoAttack (APGD-CE + APGD-DLR,
-    :func:`rclip.attacks.autoattack`) at each ℓ∞ budget, the attack white-box against this very model.
-
-    As in AutoAttack's protocol only the images still classified correctly are attacked: first the clean-correct
-    ones at the smallest budget, then, at each larger budget, those that survived the smaller one (an adversarial
-    image within a smaller ball is one within the larger ball too, so robust accuracy can only fall).
-
-    tasks: name -> ZeroShotTask (class embeddings from all its templates). budgets: label -> eps ([0, 1] units).
-    Returns ``{task: {"clean": acc, label: acc, ...}}``."""
-    out = {}
-    for name, task in tasks.items():
-        x, y = task.tensors()
-        x, y = x.to(bundle.device), y.to(bundle.device)
-        clf = zeroshot_classifier(bundle, task)
-        alive = (predict(clf, x).to(y.device) == y)
-        row = {"clean": 100.0 * alive.float().mean().item()}
-        for label, eps in sorted(budgets.items(), key=lambda kv: kv[1]):
-            idx = alive.nonzero().flatten()
-            if len(idx):
-                adv = autoattack(clf, x[idx], y[idx], eps, steps=steps, seed=seed, batch_size=batch_size)
-                alive[idx] = predict(clf, adv).to(y.device) == y[idx]
-            row[label] = 100.0 * alive.float().mean().item()
-        out[name] = {k: row[k] for k in ["clean", *budgets]}
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -522,25 +477,14 @@ def tune_tower(base, state: dict, key: dict, cfg: TowerConfig, train: TrainConfi
 
 def _lit_trained(base, init, cfg: TowerConfig, train: TrainConfig, key: dict, desc: str, progress: bool):
     """A copy of ``base`` whose image tower starts from ``init()`` and is trained by :func:`lit_step`; cached."""
-    from rclip import models
+    def run(run_dir):
+        tower = base.with_visual(init())
+        freeze_all_but_image_encoder(tower.model)
+        return tower, fit(tower, _lit_pairs(base, cfg), train, run_dir, lit_step(tower), module=tower.model.visual,
+                          progress=progress, desc=desc)
 
-    path = artefact_path("towers", key, ".safetensors")
-    log_path = path.with_suffix(".log.json")
-    tower = clone(base)
-    tower.meta = {**tower.meta, "sha256": None}
-    if path.is_file() and log_path.is_file():
-        tower.model.visual.load_state_dict(models.read_state_dict(path)[0])
-        return tower, json.loads(log_path.read_text())
-    tower.model.visual.load_state_dict(dict(init()))
-    freeze_all_but_image_encoder(tower.model)
-    log = fit(tower, _lit_pairs(base, cfg), train, path.with_suffix(".run"), lit_step(tower),
-              module=tower.model.visual, progress=progress, desc=desc)
-    if log.get("stopped_early"):
-        raise RClipError(f"{desc} stopped early at step {log['last_step']}; run again to resume")
-    tower.model.requires_grad_(False)
-    save_tower(path, tower.model.visual.state_dict())
-    write_json(log_path, log)
-    return tower, json.loads(log_path.read_text())
+    tower, log, _ = train_cached("towers", key, run, base=base, part="visual")
+    return tower, log
 
 
 @torch.no_grad()
@@ -564,7 +508,7 @@ def interpolate(a: dict, b: dict, lam: float) -> dict:
 def interpolation_curve(base, a: dict, b: dict, tasks: dict, lambdas: Sequence[float]) -> list[dict]:
     """Zero-shot loss and top-1 of the image towers on the straight line from ``a`` (λ = 0) to ``b`` (λ = 1), each
     used with the base's text tower. Returns [{"lambda", "loss", "top1"}, ...]."""
-    probe = clone(base)
+    probe = base.copy()
     out = []
     for lam in lambdas:
         probe.model.visual.load_state_dict(interpolate(a, b, float(lam)))

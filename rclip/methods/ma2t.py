@@ -21,8 +21,6 @@ Training pairs: :class:`WorldRetrievalPairs` (the world's retrieval split, rende
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -31,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from rclip.attacks.image import _fp32_eval, ascend
+from rclip.attacks.image import fp32_eval, ascend
 from rclip.attacks.text import TextAttackConfig, text_attack
 from rclip.errors import RClipError
 from rclip.methods.robust_finetune import _generator, freeze_all_but_image_encoder
@@ -157,7 +155,7 @@ class MA2TConfig:
 
 def _adversarial_images(bundle, cfg: MA2TConfig, batch: dict, x: torch.Tensor, objective) -> torch.Tensor:
     alpha = cfg.alpha or 2.5 * cfg.eps / max(1, cfg.attack_steps)  # eps / 4 at 10 steps, as the evaluation's PGD
-    with _fp32_eval(bundle.model):
+    with fp32_eval(bundle.model):
         return ascend(objective, x, cfg.eps, steps=cfg.attack_steps, alpha=alpha,
                       generator=_generator(cfg.train.seed, batch))
 
@@ -188,7 +186,7 @@ def ma2t_step(bundle, cfg: MA2TConfig, rank: int = 0, world: int = 1) -> LossFn:
         if cfg.method == "finetune":
             return clip_loss(net, x, texts)
         if cfg.method == "tecoa":
-            with torch.no_grad(), _fp32_eval(bundle.model):
+            with torch.no_grad(), fp32_eval(bundle.model):
                 t = bundle.text_features(tokens(texts)).float()
             scale = bundle.model.logit_scale.detach().exp().float()
             labels = torch.arange(len(x), device=device)
@@ -201,7 +199,7 @@ def ma2t_step(bundle, cfg: MA2TConfig, rank: int = 0, world: int = 1) -> LossFn:
         if cfg.method == "mat":
             with torch.no_grad():
                 texts = text_attack(bundle, texts, cfg.text)
-        with torch.no_grad(), _fp32_eval(bundle.model):
+        with torch.no_grad(), fp32_eval(bundle.model):
             t = bundle.text_features(tokens(texts)).float()
         x_adv = _adversarial_images(bundle, cfg, batch, x, _away_from(bundle, t))
         return clip_loss(net, x_adv, texts)
@@ -243,15 +241,6 @@ def train_ma2t(bundle, pairs, cfg: MA2TConfig, out_dir: str | Path, *, progress:
     return log
 
 
-def _copy(bundle):
-    """A bundle with its own copy of the model (the tokenizer and transforms are shared: deep-copying a BPE
-    tokenizer costs more than the whole training of a tiny model)."""
-    from rclip.models import CLIPBundle
-
-    return CLIPBundle(model=copy.deepcopy(bundle.model), preprocess=bundle.preprocess,
-                      normalize=copy.deepcopy(bundle.normalize), tokenizer=bundle.tokenizer, meta=dict(bundle.meta))
-
-
 def paper_retrieval_inputs(inputs: dict | None, dataset: str) -> tuple[str, str]:
     """(annotations JSON, image root) of ``inputs.datasets.<dataset>`` (``flickr30k`` or ``coco``), or an
     :class:`RClipError` naming what to set in ``profiles/paper.yml``."""
@@ -274,24 +263,12 @@ def ma2t_clip(bundle, cfg: MA2TConfig, pairs, data_key: dict, *, progress: bool 
 
     Returns ``(bundle, log)``.
     """
-    from rclip import models
-    from rclip.cache import artefact_path, write_json
+    from rclip.train import train_cached
 
-    settings = asdict(cfg)
-    settings["text"]["stopwords"] = sorted(settings["text"]["stopwords"])  # a stable key (sets have no order)
-    for bookkeeping in ("log_every", "ckpt_every", "eval_every", "num_workers", "max_minutes"):
-        settings["train"].pop(bookkeeping, None)                            # they do not change the model
-    key = {"base": bundle.meta.get("sha256") or bundle.meta.get("name"), "cfg": settings, "data": data_key}
-    path = artefact_path("ma2t", key, ".safetensors")
-    log_path = path.with_suffix(".log.json")
-    if path.is_file() and log_path.is_file():
-        return models.load(None, checkpoint=path, device=bundle.device), json.loads(log_path.read_text())
-    tuned = _copy(bundle)
-    log = train_ma2t(tuned, pairs, cfg, path.with_suffix(".run"), progress=progress)
-    if log.get("stopped_early"):
-        raise RClipError(f"training stopped early at step {log['last_step']}; run again to resume")
-    tuned.model.requires_grad_(False)
-    models.save(tuned, path, extra={"ma2t": cfg.label()})
-    write_json(log_path, log)
-    shutil.rmtree(path.with_suffix(".run"), ignore_errors=True)  # the checkpoints served only to resume
-    return tuned, json.loads(log_path.read_text())
+    def train(run_dir):
+        tuned = bundle.copy()
+        return tuned, train_ma2t(tuned, pairs, cfg, run_dir, progress=progress)
+
+    key = {"base": bundle.meta.get("sha256") or bundle.meta.get("name"), "cfg": cfg, "data": data_key}
+    tuned, log, _ = train_cached("ma2t", key, train, base=bundle)
+    return tuned, log

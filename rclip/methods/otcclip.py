@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rclip.errors import RClipError
-from rclip.methods.poison_defenses import Trainer, augment_images, augment_texts, masked_contrastive
+from rclip.methods.pretraining import Trainer, augment_images, augment_texts, masked_contrastive
 from rclip.ot import sinkhorn
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,14 +18,13 @@ used with the original class text embeddings (and stacked under COLA or TTC). Tr
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from rclip.attacks.image import _fp32_eval, ascend
+from rclip.attacks.image import fp32_eval, ascend
 from rclip.errors import RClipError
 from rclip.train import LossFn, TrainConfig, fit
 
@@ -71,7 +70,7 @@ def _zero_shot_logits(bundle, class_weights: torch.Tensor):
 
 def _ce_adversary(bundle, logits, cfg: AdvFinetuneConfig, seed: int, batch: dict, x, y):
     """x_adv: L-inf PGD on the cross-entropy of the current encoder's zero-shot logits (TeCoA's and PMG's)."""
-    with _fp32_eval(bundle.model):
+    with fp32_eval(bundle.model):
         return ascend(lambda a: F.cross_entropy(logits(bundle.model.visual, a), y, reduction="sum"), x, cfg.eps,
                       steps=cfg.attack_steps, alpha=cfg.alpha or cfg.eps / 4, generator=_generator(seed, batch))
 
@@ -104,7 +103,7 @@ def pmg_step(bundle, class_weights: torch.Tensor, cfg: AdvFinetuneConfig, seed: 
         y = batch["labels"].to(bundle.device)
         x_adv = _ce_adversary(bundle, logits, cfg, seed, batch, x, y)
         adv = logits(visual, x_adv).float()
-        with torch.no_grad(), _fp32_eval(original):
+        with torch.no_grad(), fp32_eval(original):
             guide = logits(original, x_adv).float()
         clean = logits(visual, x).float()
         return F.cross_entropy(adv, y) + cfg.pmg_alpha * _kl(guide, adv) + cfg.pmg_beta * _kl(clean, adv)
@@ -118,9 +117,9 @@ def fare_step(bundle, cfg: AdvFinetuneConfig, seed: int = 0) -> LossFn:
 
     def loss_fn(visual, batch):
         x = batch["images"].to(bundle.device).float()
-        with torch.no_grad(), _fp32_eval(original):
+        with torch.no_grad(), fp32_eval(original):
             target = original(bundle.normalize(x)).float()
-        with _fp32_eval(bundle.model):
+        with fp32_eval(bundle.model):
             x_adv = ascend(lambda a: (bundle.model.visual(bundle.normalize(a)) - target).pow(2).sum(), x,
                            cfg.eps, steps=cfg.attack_steps, alpha=alpha, generator=_generator(seed, batch))
         return (visual(bundle.normalize(x_adv)).float() - target).pow(2).sum(-1).mean()
@@ -157,20 +156,13 @@ def finetuned_clip(bundle, cfg: AdvFinetuneConfig, dataset, data_key: dict, *,
 
     Returns ``(bundle, log)``: the fine-tuned bundle (loaded from the cache when it exists) and the training log.
     """
-    from rclip import models
-    from rclip.cache import artefact_path, write_json
+    from rclip.train import train_cached
 
-    key = {"base": bundle.meta.get("sha256") or bundle.meta.get("name"), "cfg": asdict(cfg), "data": data_key}
-    path = artefact_path("finetuned", key, ".safetensors")
-    log_path = path.with_suffix(".log.json")
-    if path.is_file() and log_path.is_file():
-        return models.load(None, checkpoint=path, device=bundle.device), json.loads(log_path.read_text())
-    tuned = copy.deepcopy(bundle)
-    log = adversarial_finetune(tuned, dataset, cfg, path.with_suffix(".run"), class_weights=class_weights,
-                               progress=progress)
-    if log.get("stopped_early"):
-        raise RClipError(f"fine-tuning stopped early at step {log['last_step']}; run again to resume")
-    tuned.model.requires_grad_(False)
-    models.save(tuned, path, extra={"finetuned": cfg.method})
-    write_json(log_path, log)
-    return tuned, json.loads(log_path.read_text())  # as a later call reads it
+    def train(run_dir):
+        tuned = bundle.copy()
+        return tuned, adversarial_finetune(tuned, dataset, cfg, run_dir, class_weights=class_weights,
+                                           progress=progress)
+
+    key = {"base": bundle.meta.get("sha256") or bundle.meta.get("name"), "cfg": cfg, "data": data_key}
+    tuned, log, _ = train_cached("finetuned", key, train, base=bundle)
+    return tuned, log

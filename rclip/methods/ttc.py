@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rclip.attacks.image import _fp32_eval
+from rclip.attacks.image import fp32_eval
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TTC(nn.Module):
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed)
         x = images.detach().float()
-        with torch.enable_grad(), _fp32_eval(self.classifier):
+        with torch.enable_grad(), fp32_eval(self.classifier):
             with torch.no_grad():
                 f0 = self._embed(x)
                 delta0 = ((torch.rand(x.shape, generator=gen) * 2 - 1) * cfg.eps).to(x.device)

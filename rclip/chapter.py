@@ -1,0 +1,188 @@
+"""The chapter toolkit: what every chapter notebook needs before and after its experiments, written once.
+
+* :func:`classification` — the scale set-up of a zero-shot classification chapter: the model bundle, the test
+  tasks, the papers' nominal budgets and (world scale) each task's own reference budget from chapter 0, and the
+  sentences that say what every number is.
+* :func:`robust_baselines` — the TeCoA / PMG-AFT / FARE encoders that chapters 1 and 2 share (one schedule, one
+  cache), or the released checkpoints at paper scale.
+* :func:`styled` — a table as the book shows it: whole cells (never truncated), numbers rounded, and a caption
+  line stating scale, model, data, n and attack.
+
+Everything here reads the notebook's resolved parameters from ``run.params`` (:func:`rclip.book.start`), so the
+parameter names below are the ones the notebooks declare.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rclip.errors import RClipError
+
+
+def eps_label(eps_255: float) -> str:
+    """``4`` -> ``"4/255"`` (a budget's label, in units of 1/255)."""
+    return f"{eps_255:g}/255"
+
+
+def nominal_budgets(eps_255) -> dict[str, float]:
+    """The papers' radii, ``[1, 4]`` -> ``{"1/255": 1/255, "4/255": 4/255}`` ([0, 1] pixel units)."""
+    return {eps_label(e): e / 255 for e in eps_255}
+
+
+def reference_budgets(run, tasks) -> tuple[dict[str, float], str]:
+    """Each task's own reference budget (ℓ∞, [0, 1] units) fixed by chapter 0: the smallest radius of its grid at
+    which the undefended world CLIP's PGD-10 top-1 falls below 10 %. Read from chapter 0's results of the same
+    book run (its output directory), else from the published book. Tasks that never fall in the grid are left
+    out. Returns ``(budgets, where they were read)``."""
+    blob, where = run.sibling_results("00_world")
+    per_task = blob["results"].get("reference_budgets_255")
+    if not isinstance(per_task, dict):
+        raise RClipError(f"{where} has no per-task reference budgets (results.reference_budgets_255): re-run "
+                         f"chapter 0 (`rclip book --profile {run.profile} --only 00_world`)")
+    return {t: float(per_task[t]) / 255 for t in tasks if per_task.get(t) is not None}, where
+
+
+@dataclass
+class Setup:
+    """What a chapter evaluates on, and how it says so.
+
+    scale: ``"world"`` or ``"paper"``. tasks: name -> test :class:`ZeroShotTask`. nominal: the papers' budgets,
+    label -> eps. reference: task -> its own reference budget (world scale; empty at paper scale).
+    """
+    scale: str
+    bundle: object
+    tasks: dict
+    nominal: dict[str, float]
+    reference: dict[str, float] = field(default_factory=dict)
+    reference_source: str = ""
+    n: int = 0
+    data: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.scale} scale"
+
+    @property
+    def model(self) -> str:
+        return f"{self.bundle.meta['name']} ({self.bundle.image_size} px)"
+
+    def budgets(self, task: str) -> dict[str, float]:
+        """The budgets ``task`` is attacked at: the nominal ones, then ``"ref"`` (its own reference budget)."""
+        out = dict(self.nominal)
+        if task in self.reference:
+            out["ref"] = self.reference[task]
+        return out
+
+    def budget_map(self) -> dict:
+        """``{label: eps}`` with ``"ref"`` as ``{task: eps}`` (for :func:`rclip.robustness.autoattack_correct`)."""
+        return {**self.nominal, **({"ref": dict(self.reference)} if self.reference else {})}
+
+    def reference_text(self) -> str:
+        """The reference budgets in words, e.g. ``"shape 2/255, colour 6/255"``."""
+        if not self.reference:
+            return "none (paper scale: the papers' radii only)"
+        return ", ".join(f"{t} {eps_label(round(e * 255, 4))}" for t, e in self.reference.items())
+
+    def sentence(self) -> str:
+        return (f"{self.label}: {self.model} on {self.data}; ℓ∞ attacks at the papers' radii "
+                f"({', '.join(self.nominal)})" + (f" and at each task's own reference budget "
+                                                   f"({self.reference_text()})" if self.reference else ""))
+
+    def caption(self, what: str, *, n: str | None = None, attack: str | None = None, model: str | None = None
+                ) -> str:
+        """The caption line of a table: what it shows, then scale, model, data, n and attack."""
+        parts = [what, self.label, f"model {model or self.model}", f"data {self.data}",
+                 f"n = {n or f'{self.n} images per task'}"]
+        if attack:
+            parts.append(f"attack {attack}")
+        return " · ".join(parts)
+
+
+def classification(run, *, n: int | None = None) -> Setup:
+    """The scale set-up of a zero-shot classification chapter, from the notebook's parameters ``scale``,
+    ``inputs``, ``model``, ``checkpoint``, ``resolution``, ``tasks``, ``n_eval`` and ``nominal_eps``."""
+    from rclip import data, models, world
+
+    p = run.params
+    n = int(n or p["n_eval"])
+    nominal = nominal_budgets(p["nominal_eps"])
+    if p["scale"] == "paper":
+        bundle = data.paper_model(p["inputs"], device=run.device)
+        tasks = data.paper_tasks(p["inputs"], bundle.preprocess, names=p["tasks"], n=n)
+        return Setup("paper", bundle, tasks, nominal, n=n,
+                     data=f"the test splits of {', '.join(tasks)} ({n} evenly spaced images per set)")
+    if p["scale"] != "world":
+        raise RClipError(f"scale must be 'world' or 'paper', got {p['scale']!r}")
+    bundle = models.load(p["model"], checkpoint=p["checkpoint"], device=run.device)
+    if bundle.image_size != p["resolution"]:
+        raise RClipError(f"{p['model']} takes {bundle.image_size} px images; set resolution={bundle.image_size}")
+    tasks = {t: world.zeroshot_task(t, split="test", n=n, resolution=p["resolution"], seed=p["seed"])
+             for t in p["tasks"]}
+    reference, where = reference_budgets(run, tasks)
+    return Setup("world", bundle, tasks, nominal, reference, where, n=n,
+                 data=f"the world's test split, {len(tasks)} tasks")
+
+
+def finetune_config(params: dict, method: str):
+    """The TeCoA / PMG-AFT / FARE configuration the chapters share, from the ``finetune_*`` parameters (set once,
+    in each profile's ``shared`` section)."""
+    from rclip.methods.robust_finetune import AdvFinetuneConfig
+    from rclip.train import TrainConfig
+
+    steps, lr = int(params["finetune_steps"]), float(params["finetune_lr"])
+    return AdvFinetuneConfig(method, eps=params["finetune_eps"] / 255, attack_steps=params["finetune_attack_steps"],
+                             train=TrainConfig(steps=steps, batch_size=params["finetune_batch"], lr=lr, min_lr=lr / 10,
+                                               warmup_steps=max(1, steps // 10), weight_decay=1e-4,
+                                               ckpt_every=max(1, steps // 4), seed=params["seed"]))
+
+
+def robust_baselines(run, setup: Setup, methods=("tecoa", "pmg", "fare")) -> tuple[dict, dict]:
+    """The adversarially fine-tuned encoders of ``methods``: at world scale fine-tuned from the world CLIP on the
+    train split of ``finetune_task`` with the shared schedule (cached; the same models in every chapter); at paper
+    scale the checkpoints of ``inputs.robust_checkpoints`` (a method without one is fine-tuned on
+    ``inputs.datasets.imagenet_train`` when that is given, else left out).
+
+    Returns ``({method: bundle}, {method: training summary})``."""
+    from rclip import data, world, zeroshot
+    from rclip.book import train_summary
+    from rclip.methods.robust_finetune import finetuned_clip
+
+    p = run.params
+    out, logs = {}, {}
+    if setup.scale == "paper":
+        released = data.robust_models(p["inputs"], device=run.device)
+        out = {m: released[m] for m in methods if m in released}
+        todo = [m for m in methods if m not in out]
+        if not todo or not (p["inputs"].get("datasets") or {}).get("imagenet_train"):
+            return out, logs
+        train_set, task = data.inputs.paper_finetune_set(p["inputs"], setup.bundle.preprocess, n=p["finetune_n"])
+        data_key = {"root": str(p["inputs"]["datasets"]["imagenet_train"]), "n": p["finetune_n"]}
+    else:
+        todo = list(methods)
+        train_set = world.WorldLabelled(p["finetune_task"], p["finetune_n"], split="train",
+                                        resolution=p["resolution"], seed=p["seed"])
+        task = world.zeroshot_task(p["finetune_task"], n=1, resolution=p["resolution"], seed=p["seed"])
+        data_key = {"task": p["finetune_task"], "n": p["finetune_n"], "seed": p["seed"], "resolution": p["resolution"]}
+    weights = zeroshot.class_embeddings(setup.bundle, zeroshot.class_prompts(task))
+    for m in todo:
+        out[m], log = finetuned_clip(setup.bundle, finetune_config(p, m), train_set, data_key, class_weights=weights,
+                                     progress=False)
+        logs[m] = train_summary(log)
+    return out, logs
+
+
+def styled(df, caption: str, digits: int = 1, percent: bool = False):
+    """A table as the book shows it: a pandas Styler with ``caption`` (scale, model, data, n, attack), numbers
+    rounded to ``digits``, NaN as "—", and no truncated cells."""
+    fmt = "{:." + str(digits) + "f}" + ("%" if percent else "")
+
+    def cell(v):
+        if isinstance(v, bool) or v is None:
+            return "—" if v is None else ("yes" if v else "no")
+        if isinstance(v, float):
+            return "—" if v != v else fmt.format(v)
+        return str(v)
+
+    return (df.style.format(cell).set_caption(caption)
+            .set_table_styles([{"selector": "caption", "props": "caption-side: top; text-align: left; "
+                                                                 "font-size: 0.85em; color: #444;"},
+                               {"selector": "td, th", "props": "white-space: normal;"}]))
