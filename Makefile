@@ -1,4 +1,5 @@
-# Two commands on a fresh machine:  `make book` (the whole book at profile cpu)  and  `make test`.
+# Two commands on a fresh machine:  `make book` (a preview of the whole book at profile cpu)  and  `make test`.
+# `make publish` re-computes the published book (profile world) into book/.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -23,7 +24,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 publish: $(STAMP)
-	$(VENV)/bin/rclip book --profile gpu --publish
+	HF_HUB_OFFLINE=1 $(VENV)/bin/rclip book --profile world --publish
 
 clean:
 	rm -rf _build

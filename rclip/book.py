@@ -145,15 +145,20 @@ def start(notebook: str, namespace: dict) -> Run:
     declared = declared_parameters(notebook)
     injected = _injected_parameters(namespace)
     explicit = {k: v for k, v in injected.items() if k not in ("profile",)}
-    before = namespace.get("__rclip_resolved__") or {}     # a re-run of this cell: values it set are not edits
+    before = namespace.get("__rclip_resolved__") or {}     # a re-run of this cell: what it set is not an edit,
+    kept = set(namespace.get("__rclip_overridden__") or ())  # unless it was an explicit value then
     for key, default in declared.items():
-        if key in namespace and key not in explicit and key != "profile" and namespace[key] != default \
-                and not (key in before and namespace[key] == before[key]):
-            explicit[key] = namespace[key]                        # edited in the parameters cell
+        if key not in namespace or key in explicit or key == "profile":
+            continue
+        value = namespace[key]
+        unchanged_since_start = key in before and value == before[key]
+        if (value != default and not unchanged_since_start) or (unchanged_since_start and key in kept):
+            explicit[key] = value                                 # edited in the parameters cell
     profile = namespace.get("profile") or declared.get("profile")
     params, overridden = resolve(notebook, profile, explicit)
     namespace.update(params)
     namespace["__rclip_resolved__"] = dict(params)
+    namespace["__rclip_overridden__"] = list(overridden)
     if overridden:
         print(f"[rclip] {notebook} at profile {profile!r}, overridden: "
               + ", ".join(f"{k}={params[k]!r}" for k in overridden))
@@ -332,6 +337,55 @@ def validate_inputs(inputs: dict) -> None:
                 problems.append(f"{section} {name}: file {path} does not exist")
     if problems:
         raise RClipError("the paper profile's inputs are not usable:\n  - " + "\n  - ".join(problems))
+
+
+def differences(published, rerun, path: str = "") -> list[tuple[str, object, object]]:
+    """Every leaf where two results trees differ: ``[(path, published value, re-run value), ...]``."""
+    if isinstance(published, dict) and isinstance(rerun, dict):
+        out = []
+        for key in sorted(set(published) | set(rerun), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in published or key not in rerun:
+                out.append((sub, published.get(key, "<absent>"), rerun.get(key, "<absent>")))
+            else:
+                out.extend(differences(published[key], rerun[key], sub))
+        return out
+    if isinstance(published, list) and isinstance(rerun, list) and len(published) == len(rerun):
+        return [d for i, (a, b) in enumerate(zip(published, rerun)) for d in differences(a, b, f"{path}[{i}]")]
+    return [] if published == rerun else [(path, published, rerun)]
+
+
+def verify_book(profile: str = PUBLISHED_PROFILE, *, only: list[str] | None = None, progress: bool = True,
+                scratch: str | Path | None = None) -> int:
+    """Re-execute the published chapters into a scratch directory with a fresh, empty cache and report every figure
+    of ``results`` that differs from ``book/results/<notebook>.json``. Returns 0 when none does, 1 otherwise."""
+    if profile != PUBLISHED_PROFILE:
+        raise RClipError(f"--verify compares with book/, which holds profile {PUBLISHED_PROFILE!r}; got {profile!r}")
+    root = project_root()
+    names = only if only is not None else [n for n in notebook_names()
+                                           if (root / "book" / "results" / f"{n}.json").is_file()]
+    with tempfile.TemporaryDirectory(prefix="rclip-verify-", dir=scratch) as tmp:
+        previous = os.environ.get("RCLIP_CACHE")
+        os.environ["RCLIP_CACHE"] = str(Path(tmp) / "cache")       # the kernels inherit it: nothing is reused
+        try:
+            run_book(profile, only=names, build=False, out=Path(tmp) / "site", progress=progress)
+        finally:
+            if previous is None:
+                os.environ.pop("RCLIP_CACHE", None)
+            else:
+                os.environ["RCLIP_CACHE"] = previous
+        failed = 0
+        for name in names:
+            published = load_results(name)
+            rerun = json.loads((Path(tmp) / "site" / "executed" / "results" / f"{name}.json").read_text("utf-8"))
+            diffs = differences(published["results"], rerun["results"])
+            print(f"[rclip verify] {name}: {'identical results' if not diffs else f'{len(diffs)} differences'} "
+                  f"(published at {published.get('revision')}, {published.get('threads')} threads; re-run "
+                  f"{rerun.get('revision')}, {rerun.get('threads')} threads)")
+            for where, a, b in diffs:
+                print(f"    {where}: published {a!r}, re-run {b!r}")
+            failed += bool(diffs)
+    return 1 if failed else 0
 
 
 def run_book(profile: str, *, publish: bool = False, only: list[str] | None = None, build: bool = True,

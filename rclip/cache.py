@@ -80,6 +80,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())     # as ordinary tools write files (mkstemp's 0600 hides them from others)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -87,7 +88,46 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: str | Path, obj) -> None:
     """Write JSON atomically (sorted keys, indented)."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def entries(root: str | Path | None = None) -> list[dict]:
+    """Every artefact in the cache: ``{"kind", "path", "bytes", "complete"}``; a trained model is complete when
+    its log (written last) is beside it. Leftover partial files (``*.part``) and run directories are listed too."""
+    root = Path(root) if root is not None else cache_root()
+    out = []
+    for kind in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(kind.iterdir()):
+            if path.name.endswith(".log.json") or path.name.endswith(".extra.pt"):
+                continue
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() \
+                else path.stat().st_size
+            status = ("partial" if path.name.endswith(".part") else "checkpoints" if path.is_dir()
+                      else "complete" if path.suffix != ".safetensors"
+                      or path.with_suffix(".log.json").is_file() else "incomplete")
+            out.append({"kind": kind.name, "path": path, "bytes": size, "status": status})
+    return out
+
+
+def verify_entries(root: str | Path | None = None) -> list[tuple[Path, str]]:
+    """Check every trained artefact against the checksum its log recorded; returns ``[(path, problem), ...]``."""
+    from rclip.errors import RClipError
+    from rclip.train import verify_artefact
+
+    bad = []
+    for e in entries(root):
+        if e["status"] == "complete" and e["path"].suffix == ".safetensors":
+            try:
+                verify_artefact(e["path"], e["path"].with_suffix(".log.json"), e["path"].with_suffix(".extra.pt"))
+            except RClipError as exc:
+                bad.append((e["path"], str(exc)))
+    return bad

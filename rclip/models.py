@@ -350,6 +350,15 @@ def load(name: str | None = "world", pretrained: str | None = None, *, checkpoin
             raise RClipError(
                 f"the shipped world CLIP is missing ({path}). Restore it from git (`git checkout -- "
                 f"rclip/assets/world_clip`) or retrain it on a GPU: `rclip world-clip train --profile gpu`.")
+        if not checkpoint:                       # the shipped file: it must be the file its checksum names
+            want = (WORLD_CLIP_DIR / "SHA256SUMS").read_text().split()[0]
+            got = sha256(path)
+            if got != want:
+                raise RClipError(
+                    f"the shipped world CLIP {path} does not match its checksum in {WORLD_CLIP_DIR / 'SHA256SUMS'} "
+                    f"(sha256 {got[:12]}..., expected {want[:12]}...): the file is corrupted or was replaced. "
+                    f"Restore it with `git checkout -- rclip/assets/world_clip` or retrain it with "
+                    f"`rclip world-clip train --profile gpu`.")
         checkpoint, name = path, None
         meta["source"] = "world"
 

@@ -36,15 +36,19 @@ class SinkhornResult:
     cost: (...) <P, C>, in the cost's units. entropic: (...) <P, C> + reg · KL(P ‖ a bᵀ).
     plan: (..., N, M) the plan P, only with ``return_plan=True`` (else None). Its columns sum to b (to rounding),
         its rows to a up to ``error``.
-    error: (...) L1 violation of the row marginal of the returned plan, Σ_i |(P 1)_i - a_i|.
+    error: (...) the returned plan's total marginal violation, Σ_i |(P 1)_i - a_i| + Σ_j |(Pᵀ 1)_j - b_j|,
+        measured on the plan itself (not the solver's running estimate).
     n_iter: iterations run (each updates both potentials): the most any chunk of the batch ran (see
         :data:`CPU_CHUNK_ENTRIES`; on CUDA the whole batch is one chunk).
+    converged: (...) bool, ``error`` within the tolerance. Where it is False the plan is not a transport plan of
+        (a, b) and ``cost`` may even lie below the exact OT cost; a warning says so (once per call site).
     """
     cost: torch.Tensor
     entropic: torch.Tensor
     plan: torch.Tensor | None
     error: torch.Tensor
     n_iter: int
+    converged: torch.Tensor | None = None
 
 
 def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, reg: float,
@@ -80,7 +84,22 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
         log_ratio = (alpha - _log(a))[..., :, None] + (beta - _log(b))[..., None, :] - cost / reg
         log_ratio = torch.where(plan > 0, log_ratio, 0.0)  # 0 · log 0 = 0 on zero-weight rows and columns
     entropic = linear + reg * (plan * log_ratio).sum((-2, -1))
-    return SinkhornResult(linear, entropic, plan if return_plan else None, error, n_iter)
+    with torch.no_grad():
+        p = plan.detach().double()
+        error = ((p.sum(-1) - a.detach().double()).abs().sum(-1)
+                 + (p.sum(-2) - b.detach().double()).abs().sum(-1)).to(cost.dtype)
+        check = tol if tol > 0 else (1e-9 if cost.dtype == torch.float64 else 1e-6)
+        slack = 4 * torch.finfo(cost.dtype).eps * (cost.shape[-2] + cost.shape[-1])   # rounding of the plan's sums
+        converged = error <= 2 * check + slack          # the row test the solver stopped on, plus the columns
+    if tol > 0 and not bool(converged.all()):
+        import warnings
+
+        warnings.warn(f"sinkhorn did not converge for {int((~converged).sum())} of {converged.numel()} problems in "
+                      f"{n_iter} iterations (worst marginal violation {float(error.max()):.3g} > tol {tol:g}, "
+                      f"max cost / reg {float(cost.detach().abs().max()) / reg:.3g}): the plan is not a transport plan "
+                      f"and its cost can fall below the exact OT cost. Use a larger reg, more iterations (max_iter), "
+                      f"or float64 costs.", RuntimeWarning, stacklevel=2)
+    return SinkhornResult(linear, entropic, plan if return_plan else None, error, n_iter, converged)
 
 
 #: On the CPU the batch is solved in chunks of about this many cost entries, each chunk to its own stopping point:

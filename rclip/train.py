@@ -60,6 +60,16 @@ class TrainConfig:
     optimizer: str = "adamw"          # "adamw" (betas, eps) or "sgd" (momentum; MA²T's recipe)
     momentum: float = 0.9
 
+    def __post_init__(self):
+        for name in ("batch_size", "log_every", "ckpt_every"):
+            if int(getattr(self, name)) < 1:
+                raise RClipError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.steps < 0 or self.warmup_steps < 0 or self.eval_every < 0:
+            raise RClipError(f"TrainConfig steps / warmup_steps / eval_every must be >= 0, got {self.steps} / "
+                             f"{self.warmup_steps} / {self.eval_every}")
+        if not self.lr > 0 or self.min_lr < 0:
+            raise RClipError(f"TrainConfig needs lr > 0 and min_lr >= 0, got lr {self.lr}, min_lr {self.min_lr}")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed helpers
@@ -212,7 +222,11 @@ def _load_checkpoint(out: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         raise RClipError(f"checkpoint {d} does not match {latest} (interrupted write?). Delete {out} to restart.")
     state, _ = read_state_dict(d / "model.safetensors")
     model.load_state_dict(state, strict=True)
-    blob = torch.load(d / "optim.pt", map_location="cpu", weights_only=True)
+    try:
+        blob = torch.load(d / "optim.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:          # truncated or foreign file: never fall back to unpickling it
+        raise RClipError(f"checkpoint {d / 'optim.pt'} cannot be read ({type(exc).__name__}). Delete {out} to "
+                         f"restart the run.") from None
     opt.load_state_dict(blob["optimizer"])
     if hooks is not None:
         if "hooks" not in blob:
@@ -220,6 +234,23 @@ def _load_checkpoint(out: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
                              f"another kind of run. Delete {out} to restart.")
         hooks.load_state_dict(blob["hooks"])
     return int(info["step"]), json.loads((d / "log.json").read_text())
+
+
+def _check_resume(out: Path, saved: dict, wanted: dict, step: int) -> None:
+    """Refuse to resume a run whose checkpoint was made with other settings: every field that changes the weights
+    must agree (bookkeeping such as ``log_every`` may change), and the checkpoint must not be past the steps asked
+    for."""
+    from rclip.cache import BOOKKEEPING, cache_key
+
+    if step > wanted["steps"]:
+        raise RClipError(f"the checkpoint in {out} is at step {step}, past the {wanted['steps']} steps asked for; "
+                         f"delete {out} to train a shorter run")
+    a, b = cache_key(saved), cache_key(wanted)
+    changed = sorted(k for k in set(a) | set(b) if k not in BOOKKEEPING and a.get(k) != b.get(k))
+    if changed:
+        raise RClipError(f"the checkpoint in {out} was trained with other settings ("
+                         + ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in changed)
+                         + f"); delete {out} to train with the new settings, or ask for the old ones")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,6 +335,7 @@ def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | P
     start = 0
     resumed = _load_checkpoint(out, model, opt, hooks)
     if resumed is not None:
+        _check_resume(out, resumed[1].get("config") or {}, asdict(cfg), resumed[0])
         start, log = resumed
         log["resumed_from"] = start
         log["stopped_early"] = False
@@ -386,6 +418,21 @@ def save_tower(path: Path, state: dict) -> None:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in state.items()}, str(tmp))
 
 
+def verify_artefact(path: Path, log_path: Path, extra_path: Path | None = None) -> None:
+    """Check a cached artefact against the checksums its log recorded when it was written; raise naming the file
+    and the fix when it differs (a corrupted or replaced file is never read back as the model that was trained)."""
+    log = json.loads(log_path.read_text(encoding="utf-8"))
+    sums = log.get("artefact_sha256")
+    if not isinstance(sums, dict) or "model" not in sums:
+        raise RClipError(f"{log_path} records no checksum of {path.name} (an artefact written by older code): delete "
+                         f"{path.with_suffix('')}.* and re-run to rebuild it")
+    files = [(path, sums["model"])] + ([(extra_path, sums["extra"])] if "extra" in sums and extra_path else [])
+    for file, want in files:
+        if not file.is_file() or sha256(file) != want:
+            raise RClipError(f"cached artefact {file} does not match the checksum recorded in {log_path} (corrupted "
+                             f"or replaced): delete {path.with_suffix('')}.* and re-run to rebuild it")
+
+
 def train_cached(kind: str, key: dict, train: Callable[[Path], tuple], *, base: CLIPBundle | None = None,
                  part: str = "model", device: torch.device | str | None = None, root: str | Path | None = None
                  ) -> tuple[CLIPBundle, dict, object]:
@@ -412,7 +459,9 @@ def train_cached(kind: str, key: dict, train: Callable[[Path], tuple], *, base: 
         raise RClipError("a cached image tower is read back onto a copy of `base`; pass base=")
     path = artefact_path(kind, key, ".safetensors", root=root)
     log_path, extra_path = path.with_suffix(".log.json"), path.with_suffix(".extra.pt")
-    if not (path.is_file() and log_path.is_file()):
+    if path.is_file() and log_path.is_file():
+        verify_artefact(path, log_path, extra_path)
+    else:
         run_dir = path.with_suffix(".run")
         out = tuple(train(run_dir))
         bundle, log, extra = (out + (None,))[:3]
@@ -427,7 +476,8 @@ def train_cached(kind: str, key: dict, train: Callable[[Path], tuple], *, base: 
             models.save(bundle, path, extra={"trained": kind})
         else:
             save_tower(path, bundle.model.visual.state_dict())
-        write_json(log_path, log)
+        checksums = {"model": sha256(path), **({"extra": sha256(extra_path)} if extra is not None else {})}
+        write_json(log_path, {**log, "artefact_sha256": checksums})   # last: its presence marks the artefact whole
         shutil.rmtree(run_dir, ignore_errors=True)
     dev = device if device is not None else (base.device if base is not None else "cpu")
     if part == "model":

@@ -11,7 +11,13 @@ PALETTE = "colorblind"
 
 
 def setup() -> None:
-    """Apply the book's style (call once per notebook)."""
+    """Apply the book's style (call once per notebook): the plotting theme, and tables shown whole (pandas truncates
+    long cells and wide tables by default)."""
+    import pandas as pd
+
+    pd.set_option("display.max_colwidth", None)
+    pd.set_option("display.max_columns", None)
+    pd.set_option("display.width", None)
     sns.set_theme(context="notebook", style="whitegrid", palette=PALETTE, font_scale=0.95)
     plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "figure.autolayout": True,
                          "axes.titleweight": "bold"})

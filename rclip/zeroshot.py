@@ -58,6 +58,9 @@ class ZeroShotClassifier(nn.Module):
 
     def __init__(self, bundle: CLIPBundle, weights: torch.Tensor, scale: float | None = None):
         super().__init__()
+        if weights.ndim != 2 or weights.shape[0] < 2:
+            raise RClipError(f"a zero-shot classifier needs (K, D) class embeddings with K >= 2 classes; got shape "
+                             f"{tuple(weights.shape)}")
         self.bundle = bundle
         self.clip, self.normalize = bundle.model, bundle.normalize  # submodules: .to() and .parameters() see them
         self.register_buffer("weights", weights.to(bundle.device))
@@ -97,6 +100,12 @@ def correct(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, b
     """Per-image top-1 correctness (N,) bool, on CPU: the per-item metric behind every accuracy."""
     if len(images) == 0:
         raise RClipError("cannot measure accuracy on zero images")
+    if len(labels) != len(images):
+        raise RClipError(f"{len(images)} images but {len(labels)} labels")
+    k = getattr(classifier, "num_classes", None)
+    if isinstance(k, int) and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise RClipError(f"labels must lie in [0, {k - 1}] for a {k}-class classifier; got "
+                         f"{int(labels.min())}..{int(labels.max())}")
     return predict(classifier, images, batch_size) == labels.cpu()
 
 

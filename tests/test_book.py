@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -7,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from rclip import book
+from rclip import book, claims
 from rclip.errors import RClipError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +31,10 @@ def test_smoke_book_executes_every_notebook_and_builds_html(smoke_site):
         assert not errors
         blob = json.loads((smoke_site / "executed" / "results" / f"{name}.json").read_text())
         assert blob["profile"] == "smoke" and blob["notebook"] == name and blob["results"]
-        assert {"seed", "device", "versions", "wall_s"} <= set(blob)
+        assert {"seed", "device", "versions", "wall_s", "parameters", "revision"} <= set(blob)
+        assert isinstance(blob["results"]["claims"], list) and blob["results"]["claims"]
+        for record in blob["results"]["claims"]:
+            claims.check(record)
     html = smoke_site / "_build" / "html" / "book" / "00_world.html"
     text = html.read_text()
     assert "The world and its CLIP" in text and "reference budget" in text
@@ -88,8 +92,58 @@ def test_unknown_profile_and_notebook():
         book.run_book("smoke", only=["07_nothing"])
 
 
-def test_results_refuse_nan(tmp_path):
+def test_results_write_nan_as_null_and_refuse_infinity(tmp_path):
     run = book.Run("x", "smoke", results_path=str(tmp_path / "r.json"))
-    with pytest.raises(RClipError, match="NaN"):
-        run.save({"a": float("nan")})
-    assert not (tmp_path / "r.json").exists()
+    assert run.save({"a": float("nan"), "b": [1.23456789]})["results"] == {"a": None, "b": [1.2346]}
+    with pytest.raises(RClipError, match="infinite"):
+        run.save({"a": float("inf")})
+
+
+def _code_cells(path):
+    nb = nbformat.read(path, as_version=4)
+    return [c.source for c in nb.cells if c.cell_type == "code"
+            and "injected-parameters" not in c.metadata.get("tags", [])]
+
+
+@pytest.mark.parametrize("name", book.notebook_names())
+def test_notebooks_orchestrate_only(name):
+    """No code cell over 40 lines, and no function or class defined in a notebook: the library computes."""
+    import ast
+
+    for src in _code_cells(ROOT / "notebooks" / f"{name}.ipynb"):
+        assert len(src.splitlines()) <= 40, f"{name}: a cell of {len(src.splitlines())} lines"
+        for node in ast.walk(ast.parse(src)):
+            assert not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Lambda, ast.AsyncFunctionDef)), \
+                f"{name} defines a function at line {node.lineno}: move it into rclip"
+
+
+@pytest.mark.parametrize("name", book.notebook_names())
+def test_published_notebooks_are_executed_from_the_current_sources(name):
+    """book/<nb>.ipynb was executed from notebooks/<nb>.ipynb as it is now, at the published profile."""
+    published = ROOT / "book" / f"{name}.ipynb"
+    assert _code_cells(published) == _code_cells(ROOT / "notebooks" / f"{name}.ipynb")
+    blob = json.loads((ROOT / "book" / "results" / f"{name}.json").read_text())
+    assert blob["profile"] == book.PUBLISHED_PROFILE
+    for record in blob["results"]["claims"]:
+        claims.check(record)
+
+
+@pytest.mark.slow
+def test_results_identical_across_processes_hash_seeds_and_fresh_caches(tmp_path):
+    """One chapter at smoke, twice, in separate processes with separate empty caches and different
+    PYTHONHASHSEED: the `results` are byte for byte the same (chapter 4 trains, poisons and re-matches)."""
+    import os
+
+    exe = Path(sys.executable).with_name("papermill")
+    blobs = []
+    for i, hash_seed in enumerate(("1", "2")):
+        out = tmp_path / f"run{i}"
+        out.mkdir()
+        shutil.copyfile(ROOT / "book" / "results" / "00_world.json", out / "00_world.json")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": hash_seed, "RCLIP_CACHE": str(out / "cache")}
+        proc = subprocess.run([str(exe), "04_otcclip.ipynb", str(out / "nb.ipynb"), "-p", "profile", "smoke",
+                               "-p", "results_path", str(out / "04_otcclip.json")], cwd=ROOT / "notebooks",
+                              capture_output=True, text=True, timeout=900, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        blobs.append(json.dumps(json.loads((out / "04_otcclip.json").read_text())["results"], sort_keys=True))
+    assert blobs[0] == blobs[1]

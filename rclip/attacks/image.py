@@ -35,13 +35,37 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor, kappa: float = 0.0) 
     return torch.clamp(true - other, min=-kappa).sum()
 
 
-def _check(images: torch.Tensor, eps: float) -> None:
+def check_eps(eps: float) -> float:
+    """An ℓ∞ radius in [0, 1] pixel units, or a clear error (NaN, negative, or given in units of 1/255)."""
+    eps = float(eps)
+    if eps != eps:
+        raise RClipError("eps is NaN: give an ℓ∞ radius in [0, 1] pixel units, e.g. 4/255")
     if eps < 0:
         raise RClipError(f"eps must be non-negative, got {eps}")
+    if eps > 1:
+        raise RClipError(f"eps = {eps:g} is outside [0, 1]: radii are in [0, 1] pixel units; did you mean "
+                         f"{eps:g}/255?")
+    return eps
+
+
+def _check(images: torch.Tensor, eps: float, labels: torch.Tensor | None = None,
+           num_classes: int | None = None) -> None:
+    check_eps(eps)
+    if labels is not None and len(labels) != len(images):
+        raise RClipError(f"{len(images)} images but {len(labels)} labels")
+    if labels is not None and num_classes is not None and len(labels) and \
+            (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise RClipError(f"labels must lie in [0, {num_classes - 1}] for a {num_classes}-class model; got "
+                         f"{int(labels.min())}..{int(labels.max())}")
     if torch.isnan(images).any():
         raise RClipError("the images contain NaN")
     if images.min() < 0 or images.max() > 1:
         raise RClipError("attacks work on [0, 1] pixels; pass images before normalisation")
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    k = getattr(model, "num_classes", None)
+    return int(k) if isinstance(k, int) else None
 
 
 def per_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float,
@@ -50,7 +74,7 @@ def per_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps:
     all at once) with ``model`` in fp32 eval mode; x is a detached fp32 batch, y its labels on x's device, start
     the batch's offset. Returns the concatenated adversarial images; eps 0 returns a copy of the input.
     """
-    _check(images, eps)
+    _check(images, eps, labels, _num_classes(model))
     if eps == 0:
         return images.detach().clone()
     bs = batch_size or len(images)

@@ -115,6 +115,14 @@ class COLA(nn.Module):
         self.config = cfg = config or COLAConfig()
         if cfg.n_views < 1:
             raise RClipError(f"n_views must be >= 1, got {cfg.n_views}")
+        if cfg.entropy_temp is not None and not cfg.entropy_temp > 0:
+            raise RClipError(f"entropy_temp must be > 0 (or None for uniform weights), got {cfg.entropy_temp}")
+        low, high = cfg.crop_scale
+        if not 0 < low <= high <= 1:
+            raise RClipError(f"crop_scale is an area fraction range (low, high) with 0 < low <= high <= 1; got "
+                             f"{tuple(cfg.crop_scale)}")
+        if not cfg.reg > 0:
+            raise RClipError(f"reg (Sinkhorn ε) must be > 0, got {cfg.reg}")
         feats = _stack_texts(text_features, cfg.n_texts)                     # (K, M, D)
         self.bundle = bundle
         self.clip, self.normalize = bundle.model, bundle.normalize

@@ -37,6 +37,10 @@ class TTC(nn.Module):
         self.classifier = classifier
         self.config = config or TTCConfig()
 
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.classifier, "num_classes", None)
+
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         clf = self.classifier
         return clf.clip.encode_image(clf.normalize(images), normalize=False)
