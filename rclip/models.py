@@ -159,13 +159,17 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise RClipError(f"checkpoint file not found: {path}. Check the path (relative paths are taken from "
                          f"{Path.cwd()}).")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         tensors = {}
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            for k in f.keys():
-                tensors[k] = f.get_tensor(k)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                for k in f.keys():
+                    tensors[k] = f.get_tensor(k)
+        except SafetensorError as exc:
+            raise RClipError(f"{path} is not a readable safetensors file ({exc}): it is truncated or corrupted. "
+                             f"Rebuild it (a cached artefact: delete it and re-run) or restore it.") from None
         return tensors, meta
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -151,3 +151,11 @@ def test_written_files_are_readable_by_others(tmp_path):
     for name in ("a.json", "b.bin"):
         mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
         assert mode == 0o666 & ~mask and mode & stat.S_IROTH
+
+
+def test_recall_refuses_owners_outside_the_gallery():
+    from rclip.retrieval import recall_at_k
+
+    sim = torch.eye(2, 3)
+    with pytest.raises(RClipError, match=r"owner must lie in \[0, 1\]"):
+        recall_at_k(sim, torch.tensor([0, 1, 2]))       # caption 2 "belongs" to an image that does not exist

@@ -220,6 +220,127 @@ def test_real_retrieval_pairs_and_the_sgd_option(tmp_path, tiny):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The chapter's orchestrator: each configuration trained once, each evaluation made once, claims from the engine
+# ----------------------------------------------------------------------------------------------------------------
+
+STUDY_PARAMS = dict(eps=2, eval_steps=1, text_budget=1, text_top_k=3, text_source="synonyms",
+                    attack_sources=["lexicon"], train_steps=1, train_batch=4, train_optimizer="adamw", train_lr=1e-3,
+                    train_warmup=1, train_attack_steps=1, bases=["mat_img"], augmentations=["human", "randaugment"],
+                    figure3_base="mat_img", figure3_augmentations=["human"], figure3_counts=[0, 4], n_align=4,
+                    attack_batch=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def study(tiny):
+    from rclip.methods.ma2t import RetrievalStudy
+
+    return RetrievalStudy(tiny, world.retrieval_set(split="test", n=4, resolution=32),
+                          world.retrieval_set(split="train", n=3, resolution=32),
+                          WorldRetrievalPairs(8, split="train", resolution=32), {"n": 8, "test": "study"},
+                          STUDY_PARAMS, scale="world", data="stand-ins", reference=("colour", 4 / 255))
+
+
+def test_study_trains_and_evaluates_each_configuration_once(study, monkeypatch):
+    import rclip.attacks.multimodal as mm
+    import rclip.methods.ma2t as m
+    from rclip import claims
+
+    evaluated, trained = [], []
+    evaluate_attacks, ma2t_clip_ = mm.evaluate_attacks, m.ma2t_clip
+
+    def spy_eval(bundle, rset, attacks, cfg, **kw):
+        for a in attacks:
+            evaluated.append((id(bundle), id(rset), a, None if a in ("clean", "text") else round(cfg.eps * 255, 4),
+                              cfg.text.source if a in ("text", "co-attack", "sga") else None))
+        return evaluate_attacks(bundle, rset, attacks, cfg, **kw)
+
+    def spy_train(bundle, cfg, *args, **kw):
+        trained.append(study.name(cfg))
+        return ma2t_clip_(bundle, cfg, *args, **kw)
+    monkeypatch.setattr(mm, "evaluate_attacks", spy_eval)
+    monkeypatch.setattr(m, "ma2t_clip", spy_train)
+    table = study.attack_table()
+    t1 = study.table1(study.table1_methods())
+    study.table2(), study.table3(), study.figure3()
+    rows = study.claims()
+    assert len(evaluated) == len(set(evaluated)) and len(trained) == len(set(trained))
+    assert set(trained) == {"Fine-tune", "TeCoA", "MAT_Img", "MAT", "MAT + I2T(Human)", "MAT_Img + I2T(Human)",
+                            "MAT_Img + I2I(RA)"}
+    n_eval = len(evaluated)
+    assert study.claims() == rows and len(evaluated) == n_eval                 # everything shared, nothing redone
+    # the tables
+    assert ("ref 4/255", "SGA", "synonyms") in table.index and ("2/255", "SGA", "lexicon") in table.index
+    assert ("ref 4/255", "SGA", "lexicon") not in table.index
+    assert list(table.columns) == ["TR@1", "TR@5", "IR@1", "IR@5", "ASR TR@1", "ASR IR@1"]
+    assert ("MAT", "SGA 2/255") in t1.index and ("Fine-tune", "clean") in t1.index
+    wide = m.wide(t1, ["clean", "SGA 2/255"])
+    assert list(wide.index) == ["Fine-tune", "TeCoA", "MAT_Img", "MAT"] and wide.shape[1] == 8
+    # the claims: engine records; a failed precondition means untestable; the text-half claims carry the text threat
+    for r in rows:
+        claims.check(r)
+        assert (r["verdict"] == "untestable") == any(not p["holds"] for p in r["preconditions"])
+    threat = [r["claim"] for r in rows if any(p["name"].startswith("BERT-Attack") for p in r["preconditions"])]
+    assert sorted(threat) == sorted(f"MAT beats {o} under {a} (2/255)" for o in ("TeCoA", "MAT_Img")
+                                    for a in ("Co-Attack", "SGA"))
+    gap = next(r for r in rows if "train − test gap" in r["claim"])
+    assert gap["n"] == 3 and gap["preconditions"][0]["threshold"] == m.GAP_MIN
+    names = [r["claim"] for r in rows]
+    assert "text augmentations beat image augmentations (pooled robust R@1)" in names
+    assert "cross-modal augmentations beat intra-modal ones (pooled robust R@1)" in names
+    assert not any("I2T vs T2T" in c for c in names)                     # no T2T augmentation was trained
+    assert sum("SGA is at least as strong as Co-Attack" in c for c in names) == 2     # one per text source
+
+
+def test_study_per_image_scores_and_pooling(study):
+    ev = study.evaluate(None, ["clean"])["clean"]
+    rec = ev.recall()
+    assert study.per_image(None, "clean").mean() == pytest.approx((rec["TR@1"] + rec["IR@1"]) / 2)
+    robust = study.robust(study.train_cfg("mat_img", "human"))
+    assert robust == pytest.approx((study.per_image(study.train_cfg("mat_img", "human"), "co-attack")
+                                    + study.per_image(study.train_cfg("mat_img", "human"), "sga")) / 2)
+    pooled = study.pooled(["human", "randaugment"])
+    assert pooled == pytest.approx((robust + study.robust(study.train_cfg("mat_img", "randaugment"))) / 2)
+    gains = study.gains()
+    assert gains["human"] == pytest.approx(float((robust - study.robust(study.train_cfg("mat_img"))).mean()))
+
+
+def test_attack_success_and_the_text_threat_precondition(study):
+    from rclip.methods.ma2t import Evaluation
+
+    groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    clean = Evaluation("clean", torch.zeros(4, dtype=torch.long), torch.zeros(8, dtype=torch.long), groups, [])
+    adv = Evaluation("text", torch.tensor([0, 0, 3, 3]), torch.tensor([0, 1, 0, 1, 0, 1, 0, 1]), groups, [])
+    assert study.asr(clean, adv) == {"ASR TR@1": 50.0, "ASR IR@1": 50.0}
+    assert adv.per_image().tolist() == [75.0, 75.0, 25.0, 25.0]
+    at_chance = Evaluation("clean", torch.tensor([0, 1, 2, 3]), torch.zeros(8, dtype=torch.long), groups, [])
+    assert not at_chance.above_chance()["above"] and np.isnan(study.asr(at_chance, adv)["ASR TR@1"])
+    pre = study.text_threat()
+    assert pre.threshold == 20.0 and pre.relation == ">="
+
+
+def test_reference_budget_is_the_largest_of_chapter_0s(tmp_path):
+    from rclip.methods.ma2t import alignment_table, rank_correlations, retrieval_reference_budget
+
+    class Run:
+        profile = "smoke"
+
+        def __init__(self, budgets):
+            self.blob = {"results": {"reference_budgets_255": budgets}}
+
+        def sibling_results(self, notebook):
+            assert notebook == "00_world"
+            return self.blob, "here"
+    assert retrieval_reference_budget(Run({"shape": 2.0, "colour": 6.0, "count": None})) == ("colour", 6 / 255, "here")
+    assert retrieval_reference_budget(Run({"shape": None})) is None
+    measured = {a: {"alignment": torch.full((2, 4), float(k)), "diversity": torch.full((2, 4), float(-k)),
+                    "original": torch.ones(2)} for k, a in enumerate(["eda", "human", "captioner", "randaugment"])}
+    table = alignment_table(measured, {"eda": 0.0, "human": 1.0, "captioner": 2.0, "randaugment": 3.0})
+    assert table.loc["Orig.", "alignment"] == 1.0 and table.loc["human", "kind"] == "I2T"
+    assert rank_correlations(table) == {"alignment": pytest.approx(1.0), "diversity": pytest.approx(-1.0)}
+    assert all(np.isnan(v) for v in rank_correlations(table.loc[["eda", "human", "Orig."]]).values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Paper scale: fail fast, then the chapter end to end on stand-ins
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -294,6 +415,11 @@ def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
                         kernel_name="python3", cwd=str(root / "notebooks"), progress_bar=False)
     res = json.loads(results.read_text())["results"]
     assert res["scale"] == "paper" and res["n_eval"] == 4 and res["budgets_255"] == {"2/255": 2.0}
+    assert res["reference_budget"] is None
     assert {"Fine-tune | clean", "MAT | SGA 2/255"} <= set(res["table1"])
     assert set(res["augmentation_gain"]) == ({"eda", "human"} if wordnet else {"human"})
-    assert "MAT_Img + I2T(Human) | Co-Attack" in res["table3"] and res["claims"]
+    assert "MAT_Img + I2T(Human) | Co-Attack" in res["table3"] and "Diff" in res["table2"]
+    from rclip import claims
+    names = [claims.check(r)["claim"] for r in res["claims"]]
+    assert "MAT beats TeCoA under SGA (2/255)" in names and any("train − test gap" in c for c in names)
+    assert set(res["spearman_gain"]) == {"alignment", "diversity"}

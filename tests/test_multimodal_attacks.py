@@ -123,3 +123,41 @@ def test_attack_success_is_the_share_of_correct_queries_lost():
     brute = sum(1 for c, a in zip(clean.tolist(), adv.tolist()) if c < 5 and a >= 5) / sum(c < 5 for c in clean.tolist())
     assert attack_success(clean, adv, k=5) == pytest.approx(100 * brute)
     assert attack_success(torch.tensor([3]), torch.tensor([0]), k=1) != attack_success(torch.tensor([3]), torch.tensor([0]), k=1)  # NaN
+
+
+def brute_per_image(sim, img2txt, k):
+    """Per-image R@k by explicit loops over the similarity matrix (no ranks): the image's TR hit and the mean IR hit
+    of its captions, averaged, in points."""
+    n_img, n_txt = sim.shape
+    out = []
+    for i, caps in enumerate(img2txt):
+        top = sorted(range(n_txt), key=lambda t: (-float(sim[i, t]), t))[:k]
+        tr = 100.0 * any(t in caps for t in top)
+        ir = []
+        for c in caps:
+            top_img = sorted(range(n_img), key=lambda j: (-float(sim[j, c]), j))[:k]
+            ir.append(100.0 * (i in top_img))
+        out.append((tr + sum(ir) / len(ir)) / 2)
+    return out
+
+
+@pytest.mark.parametrize("groups", [[5] * 7, [2, 5, 1, 3]])
+def test_per_image_recall_against_brute_force(groups):
+    from rclip.retrieval import i2t_ranks, per_image_recall, recall_at_k, t2i_ranks
+
+    img2txt, start = [], 0
+    for g in groups:
+        img2txt.append(list(range(start, start + g)))
+        start += g
+    owner = torch.tensor([i for i, caps in enumerate(img2txt) for _ in caps])
+    sim = torch.randn(len(groups), start, generator=torch.Generator().manual_seed(len(groups)))
+    sim[0, img2txt[0][0]] = sim[1, img2txt[1][-1]] = 5.0                       # a few sure hits
+    for k in (1, 2, 5):
+        got = per_image_recall(i2t_ranks(sim, owner), t2i_ranks(sim, owner), img2txt, k)
+        assert got.shape == (len(groups),)
+        assert got.tolist() == pytest.approx(brute_per_image(sim, img2txt, k))
+        if len(set(groups)) == 1:                       # equal caption counts: the mean is (TR@k + IR@k) / 2 exactly
+            r = recall_at_k(sim, owner, ks=(k,))
+            assert got.mean() == pytest.approx((r[f"i2t_R@{k}"] + r[f"t2i_R@{k}"]) / 2)
+    with pytest.raises(RClipError, match="caption groups"):
+        per_image_recall(i2t_ranks(sim, owner)[:2], t2i_ranks(sim, owner), img2txt)

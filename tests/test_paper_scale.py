@@ -66,24 +66,26 @@ def test_paper_inputs_errors_name_the_fix(inputs, tmp_path):
 def test_profile_hands_its_inputs_to_every_notebook():
     params = notebook_parameters("paper", "01_cola")
     assert params["scale"] == "paper" and params["inputs"]["model"] == "ViT-B-32"
-    assert "inputs" not in notebook_parameters("smoke", "01_cola")
+    assert notebook_parameters("smoke", "01_cola")["inputs"] is None      # the world profiles give none
 
 
 @pytest.mark.slow
 def test_chapter1_runs_at_paper_scale_on_stand_ins(inputs, tmp_path):
     import papermill as pm
 
-    params = notebook_parameters("smoke", "01_cola")
     results = tmp_path / "01_cola.json"
-    params.update(scale="paper", inputs=inputs, tasks=None, ablation_task=None, n_eval=10,
-                  results_path=str(results))
+    params = {"profile": "smoke", "scale": "paper", "inputs": inputs, "tasks": None, "ablation_task": None,
+              "n_eval": 10, "results_path": str(results)}      # what a user passes; the rest comes from smoke
     os.environ.setdefault("RCLIP_ROOT", str(ROOT))
     pm.execute_notebook(str(ROOT / "notebooks" / "01_cola.ipynb"), str(tmp_path / "out.ipynb"), parameters=params,
                         kernel_name="python3", cwd=str(ROOT / "notebooks"), progress_bar=False)
-    res = json.loads(results.read_text())["results"]
+    blob = json.loads(results.read_text())
+    res = blob["results"]
+    assert set(blob["overridden"]) == {"scale", "inputs", "tasks", "ablation_task", "n_eval"}
     assert res["scale"] == "paper" and res["tasks"] == ["cifar10"] and res["n_eval"] == 10
-    assert res["reference_eps_255"] == 4                       # the papers' large budget, no world reference
-    assert {"cifar10/CLIP", "cifar10/TTC", "cifar10/COLA"} <= set(res["table1"])
-    assert set(res["table1"]["cifar10/COLA"]) == {"clean", "PGD 1/255", "CW 1/255", "PGD 4/255", "CW 4/255"}
+    assert res["reference_budgets_255"] == {}                  # the papers' radii only, no world reference
+    assert {"CLIP | cifar10", "TTC | cifar10", "COLA | cifar10"} <= set(res["table1"])
+    assert {"clean", "PGD 1/255", "CW 1/255", "PGD 4/255", "CW 4/255"} <= set(res["table1"]["COLA | cifar10"])
     assert set(res["table3_mean"]) == {"FARE", "FARE + TTC", "FARE + COLA"}
+    assert all(c["verdict"] in ("reproduced", "not reproduced", "undecided", "untestable") for c in res["claims"])
     assert res["finetune"] == {}                               # loaded, not fine-tuned

@@ -126,7 +126,16 @@ def load_descriptions(path: str | Path, classnames: list[str]) -> list[list[str]
     if not path.is_file():
         raise RClipError(f"descriptions file not found: {path}. Give a JSON {{classname: [sentence, ...]}} "
                          "(the CuPL/AWT format), or leave descriptions out to use templates only.")
-    table = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        table = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RClipError(f"{path} is not UTF-8 JSON ({exc}); give {{classname: [sentence, ...]}}") from None
+    if not isinstance(table, dict):
+        raise RClipError(f"{path} must hold a JSON object {{classname: [sentence, ...]}}, not {type(table).__name__}")
+    bad = [k for k, v in table.items() if not isinstance(v, list) or not all(isinstance(x, str) for x in v)]
+    if bad:
+        raise RClipError(f"{path}: the descriptions of {bad[:3]} are not a list of sentences (a single string would be "
+                         f"read as its characters); write {{\"{bad[0]}\": [\"...\", \"...\"]}}")
     lower = {k.lower().replace("_", " "): v for k, v in table.items()}
     missing = [c for c in classnames if c.lower() not in lower]
     if missing:

@@ -32,18 +32,27 @@ def _entries(annotations: Path, split: str) -> list[tuple[str, list[str]]]:
     if not annotations.is_file():
         raise RClipError(f"retrieval annotations not found: {annotations}. Give the Karpathy split JSON "
                          "(dataset_flickr30k.json / dataset_coco.json) or an ALBEF-style test JSON.")
-    data = json.loads(annotations.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(annotations.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RClipError(f"{annotations} is not UTF-8 JSON ({exc})") from None
     out = []
     if isinstance(data, dict) and "images" in data:
-        for im in data["images"]:
+        for k, im in enumerate(data["images"]):
             s = "train" if im.get("split") == "restval" else im.get("split")
             if s != split:
                 continue
+            if "filename" not in im or "sentences" not in im:
+                raise RClipError(f"{annotations}: images[{k}] lacks 'filename' or 'sentences' (the Karpathy format "
+                                 f"has both for every image)")
             rel = str(Path(im.get("filepath", "")) / im["filename"])
             caps = [sen["raw"] if "raw" in sen else " ".join(sen["tokens"]) for sen in im["sentences"]]
             out.append((rel, caps))
     elif isinstance(data, list):
-        for im in data:
+        for k, im in enumerate(data):
+            if not isinstance(im, dict) or "image" not in im or "caption" not in im:
+                raise RClipError(f"{annotations}: entry {k} lacks 'image' or 'caption' (the ALBEF-style format is a "
+                                 f"list of {{\"image\": path, \"caption\": [captions]}})")
             caps = im["caption"] if isinstance(im["caption"], list) else [im["caption"]]
             out.append((im["image"], caps))
     else:

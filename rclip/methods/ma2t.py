@@ -17,20 +17,26 @@ pair plus ``n_aug`` augmented pairs (I, T_aug) or (I_aug, T) (Algorithm 1). Trai
 
 Training pairs: :class:`WorldRetrievalPairs` (the world's retrieval split, rendered on demand) and
 :class:`RetrievalSetPairs` (any :class:`~rclip.data.base.RetrievalSet`, e.g. Flickr30k's Karpathy train split).
+
+The chapter's experiments: :func:`retrieval_study` builds a :class:`RetrievalStudy` from the notebook's parameters;
+it trains each configuration once, evaluates each (model, split, budget, text source, attack) once, returns the
+recall tables and per-image arrays (:class:`Evaluation`), and decides every claim with :mod:`rclip.claims` on
+per-image R@1 (:func:`rclip.retrieval.per_image_recall`) of the same test images.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from rclip.attacks.image import fp32_eval, ascend
 from rclip.attacks.text import TextAttackConfig, text_attack
+from rclip.claims import Precondition
 from rclip.errors import RClipError
 from rclip.methods.robust_finetune import _generator, freeze_all_but_image_encoder
 from rclip.train import LossFn, TrainConfig, contrastive_loss, fit
@@ -272,3 +278,646 @@ def ma2t_clip(bundle, cfg: MA2TConfig, pairs, data_key: dict, *, progress: bool 
     key = {"base": bundle.meta.get("sha256") or bundle.meta.get("name"), "cfg": cfg, "data": data_key}
     tuned, log, _ = train_cached("ma2t", key, train, base=bundle)
     return tuned, log
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chapter's experiments: every configuration trained once, every evaluation made once, every claim decided
+# ----------------------------------------------------------------------------------------------------------------
+
+ATTACK_NAMES = {"clean": "clean", "pgd": "PGD", "text": "BERT-Attack", "co-attack": "Co-Attack", "sga": "SGA"}
+RECALLS = ("TR@1", "TR@5", "IR@1", "IR@5")
+UNDEFENDED = "CLIP"
+#: BERT-Attack's success rate (%, at R@1, mean of TR and IR) on the undefended CLIP below which the defenses' text
+#: threat does not exist: a claim about the text half of MAT is then untestable
+TEXT_THREAT_ASR = 20.0
+#: MAT's train − test gap (points, R@5 under Co-Attack, mean of TR and IR) below which there is no overfitting for
+#: MA²T to narrow (the paper's is 26.8)
+GAP_MIN = 10.0
+#: "SGA is at least as strong as Co-Attack": SGA's per-image R@1 may exceed Co-Attack's by at most this (points)
+SGA_TOLERANCE = 2.0
+R1_METRIC = "per-image R@1 (mean of its TR@1 hit and its captions' IR@1 hits, %)"
+
+
+@dataclass
+class Evaluation:
+    """One model on one gallery under one attack: the 0-based rank of every query's truth.
+
+    i2t (N_img,): rank of each image's best-ranked true caption (text retrieval, TR); t2i (N_txt,): rank of each
+    caption's image (image retrieval, IR); img2txt: the gallery's caption groups; captions: the captions scored
+    (adversarial ones under a text attack)."""
+    attack: str
+    i2t: torch.Tensor
+    t2i: torch.Tensor
+    img2txt: list
+    captions: list
+
+    def recall(self, ks=(1, 5)) -> dict[str, float]:
+        """``{"TR@1", "TR@5", "IR@1", "IR@5"}`` in percent."""
+        return {**{f"TR@{k}": 100.0 * float((self.i2t < k).float().mean()) for k in ks},
+                **{f"IR@{k}": 100.0 * float((self.t2i < k).float().mean()) for k in ks}}
+
+    def per_image(self, k: int = 1):
+        """(N_img,) per-image R@k in points (:func:`rclip.retrieval.per_image_recall`): the claims' items."""
+        from rclip.retrieval import per_image_recall
+
+        return per_image_recall(self.i2t, self.t2i, self.img2txt, k)
+
+    def above_chance(self) -> dict:
+        """Is TR@1 above chance (1 / N_img, a random ranking's), by the Wilson interval of the per-image hits?"""
+        from rclip.claims import above_chance
+
+        return above_chance((self.i2t < 1).numpy(), len(self.i2t))
+
+
+def wide(long, attacks) -> "pd.DataFrame":
+    """A long (model, attack) x recall table as the paper prints it: one row per model (in first-seen order),
+    columns (attack, TR@1 / TR@5 / IR@1 / IR@5) for ``attacks``."""
+    order = list(dict.fromkeys(long.index.get_level_values(0)))
+    df = long[long.index.get_level_values(1).isin(attacks)].unstack(1)
+    df.columns = df.columns.swaplevel(0, 1)
+    return df.reindex(index=order, columns=[(a, c) for a in attacks for c in RECALLS])
+
+
+def retrieval_reference_budget(run) -> tuple[str, float, str] | None:
+    """The world's reference budget for retrieval: the *largest* of chapter 0's per-task reference budgets
+    (:func:`rclip.chapter.reference_budgets`, read from chapter 0's results of the same book run).
+
+    A retrieval query is answered right as long as *any* attribute its captions assert still separates the images,
+    so retrieval collapses only where the most robust attribute the world CLIP reads has collapsed: the largest
+    per-task radius (tasks that never collapse in chapter 0's grid are left out). Returns ``(task, eps in [0, 1]
+    units, where it was read)``, or None when no task collapses."""
+    from rclip.chapter import reference_budgets
+
+    blob, _ = run.sibling_results("00_world")
+    budgets, where = reference_budgets(run, list(blob["results"].get("reference_budgets_255") or {}))
+    if not budgets:
+        return None
+    task = max(budgets, key=budgets.get)
+    return task, budgets[task], where
+
+
+class RetrievalStudy:
+    """The chapter's experiments on one test gallery: each configuration trained once (:func:`ma2t_clip`, cached on
+    disk), each (model, split, budget, text source, attack) evaluated once (kept here), so that every table, figure
+    and claim needing the same evaluation shares it; and the claims, each decided by :mod:`rclip.claims` on
+    per-image values of the same test images.
+
+    bundle: the undefended CLIP. test / train_eval: :class:`~rclip.data.base.RetrievalSet` galleries (the test
+    split; training images with all their captions, for Table 2). pairs / data_key: the 1:1 training pairs and what
+    identifies them in the cache. params: the notebook's resolved parameters (``eps``, ``eval_steps``,
+    ``text_budget``, ``text_top_k``, ``text_source``, ``attack_sources``, ``train_*``, ``bases``,
+    ``augmentations``, ``figure3_*``, ``n_align``, ``attack_batch``, ``seed``). reference: ``(task, eps)`` of the
+    world's reference budget, or None. scale, data: what the captions say.
+    """
+
+    def __init__(self, bundle, test, train_eval, pairs, data_key: dict, params: dict, *, scale: str, data: str,
+                 reference: tuple[str, float] | None = None, reference_source: str = ""):
+        self.bundle, self.test, self.train_eval, self.pairs, self.data_key = bundle, test, train_eval, pairs, data_key
+        self.p, self.scale, self.data = dict(params), scale, data
+        self.eps = self.p["eps"] / 255
+        self.nominal = f"{self.p['eps']:g}/255"
+        self.budgets = {self.nominal: self.eps}
+        self.reference, self.reference_source = reference, reference_source
+        if reference:
+            self.budgets[self.ref_label] = reference[1]
+        self.source = self.p["text_source"]
+        self.sources = list(dict.fromkeys([*self.p["attack_sources"], self.source]))
+        self.bases, self.augmentations = list(self.p["bases"]), list(self.p["augmentations"])
+        self.trained, self.logs, self._evals = {}, {}, {}
+
+    # -- settings --------------------------------------------------------------------------------------------------
+    @property
+    def ref_label(self) -> str | None:
+        return f"ref {self.reference[1] * 255:g}/255" if self.reference else None
+
+    @property
+    def label(self) -> str:
+        return f"{self.scale} scale"
+
+    def attack_cfg(self, eps: float | None = None, source: str | None = None):
+        """The evaluation attacks' settings at ``eps`` ([0, 1] units; default the nominal) with ``source``'s
+        substitutes (default the defenses' text threat model)."""
+        from rclip.attacks.multimodal import RetrievalAttackConfig
+
+        return RetrievalAttackConfig(eps=self.eps if eps is None else eps, steps=self.p["eval_steps"],
+                                     seed=self.p["seed"], image_batch=self.p["attack_batch"],
+                                     text=TextAttackConfig(budget=self.p["text_budget"], top_k=self.p["text_top_k"],
+                                                           source=source or self.source))
+
+    def train_cfg(self, method: str, augment: str | None = None, n_aug: int = 4, select: str = "first",
+                  adversary: str | None = None) -> MA2TConfig:
+        """The training settings of ``method`` (+ ``augment``): the ``train_*`` parameters, the inner PGD at the
+        nominal budget, MAT's text adversary ``adversary`` (default the text threat model)."""
+        p = self.p
+        sgd = p["train_optimizer"] == "sgd"
+        return MA2TConfig(method, augment=augment, n_aug=n_aug, select=select, eps=self.eps,
+                          attack_steps=p["train_attack_steps"],
+                          text=TextAttackConfig(criterion="l2", budget=p["text_budget"], top_k=p["text_top_k"],
+                                                source=adversary or self.source),
+                          train=TrainConfig(steps=p["train_steps"], batch_size=p["train_batch"],
+                                            optimizer=p["train_optimizer"], lr=p["train_lr"],
+                                            min_lr=0.0 if sgd else p["train_lr"] / 10, warmup_steps=p["train_warmup"],
+                                            weight_decay=1e-4, grad_clip=None if sgd else 1.0,
+                                            ckpt_every=min(p["train_steps"], 500),
+                                            log_every=max(1, p["train_steps"] // 10), seed=p["seed"]))
+
+    @staticmethod
+    def name(cfg: MA2TConfig | None) -> str:
+        """The row label of a configuration (``None``: the undefended CLIP)."""
+        if cfg is None:
+            return UNDEFENDED
+        return cfg.label() + (" (top-aligned)" if cfg.select == "aligned" else "")
+
+    @property
+    def model_name(self) -> str:
+        return f"{self.bundle.meta['name']} ({self.bundle.image_size} px)"
+
+    def reference_text(self) -> str:
+        """The reference budget in words, naming the chapter-0 task it is taken from."""
+        if not self.reference:
+            return "none (paper scale: the paper's radius only)" if self.scale == "paper" else \
+                "none (no task of chapter 0 collapses within its grid)"
+        return (f"{self.reference[1] * 255:g}/255, the largest of chapter 0's per-task reference budgets "
+                f"({self.reference[0]}'s)")
+
+    def steps_text(self, eps: float | None = None) -> str:
+        """The image and text steps the evaluation attacks take: step sizes as fractions of ε, and their value at
+        ``eps`` (default the nominal budget)."""
+        cfg = self.attack_cfg(eps)
+        s, e = cfg.steps, cfg.eps * 255
+        return (f"{s} image step{'s' if s != 1 else ''} of 1.25 ε/{s} (Co-Attack, from a one-sided random start in "
+                f"[0, ε]; {cfg.step('co-attack') * 255:.3g}/255 at ε = {e:g}/255) or 2.5 ε/{s} (PGD and SGA, from a "
+                f"uniform start in the ball; {cfg.step('pgd') * 255:.3g}/255); {cfg.text.budget} word substituted per "
+                f"caption, top {cfg.text.top_k} substitutes")
+
+    def budgets_text(self) -> str:
+        """The caption's attack field for a table with the reference budget: both budgets, named, and the steps."""
+        ref = f" and ref = {self.reference_text()}" if self.reference else ""
+        return f"ℓ∞ {self.nominal}{ref}; {self.steps_text()}"
+
+    def attack_text(self) -> str:
+        """The caption's attack field: budget, steps, words."""
+        s = self.p["eval_steps"]
+        return (f"ℓ∞ ε = {self.nominal}, {s} image step{'s' if s != 1 else ''}; {self.p['text_budget']} word "
+                f"({self.source} substitutes)")
+
+    def sentence(self) -> str:
+        return (f"{self.label}: {self.model_name} on {self.data}, fine-tuned on {len(self.pairs)} 1:1 training pairs; "
+                f"image budgets {', '.join(self.budgets)}")
+
+    def caption(self, what: str, *, n: str | None = None, attack: str | None = None, model: str | None = None) -> str:
+        """The caption line of a table: what it shows, then scale, model, data, n and attack."""
+        parts = [what, self.label, f"model {model or self.model_name}", f"data {self.data}",
+                 f"n = {n or f'{len(self.test.images)} test images x 5 captions'}"]
+        return " · ".join(parts + ([f"attack {attack}"] if attack else []))
+
+    def summary(self):
+        """What this run is, as a one-column table."""
+        import pandas as pd
+
+        p = self.p
+        return pd.Series({
+            "scale": self.scale, "model": self.model_name,
+            "test gallery": f"{len(self.test.images)} images, {len(self.test.captions)} captions",
+            "training pairs": f"{len(self.pairs)} (1:1, first caption) + 4 augmented points each for MA²T",
+            "training": f"{p['train_steps']} steps x batch {p['train_batch']}, {p['train_optimizer']} lr "
+                        f"{p['train_lr']:g}, inner PGD {p['train_attack_steps']} step(s) at {self.nominal}",
+            "image budgets": ", ".join(self.budgets),
+            "world's reference budget": self.reference_text(),
+            "evaluation attacks": self.steps_text() + "; SGA scales 0.5/0.75/1.25/1.5, σ 0.05; Co-Attack KL weight 3",
+            "text threat model": self.source}, name="this run").to_frame()
+
+    def header(self) -> dict:
+        """The run's settings for the results JSON."""
+        p = self.p
+        return {"scale": self.scale, "model": self.bundle.meta["name"], "sha256": self.bundle.meta.get("sha256"),
+                "n_eval": len(self.test.images), "n_train": len(self.pairs), "eps_255": p["eps"],
+                "budgets_255": {k: v * 255 for k, v in self.budgets.items()},
+                "reference_budget": ({"task": self.reference[0], "eps_255": self.reference[1] * 255,
+                                      "rule": "largest of chapter 0's per-task reference budgets",
+                                      "source": self.reference_source} if self.reference else None),
+                "eval_steps": p["eval_steps"], "text_budget": p["text_budget"], "text_top_k": p["text_top_k"],
+                "text_source": self.source, "train": {"steps": p["train_steps"], "batch": p["train_batch"],
+                                                      "optimizer": p["train_optimizer"], "lr": p["train_lr"],
+                                                      "attack_steps": p["train_attack_steps"]}}
+
+    # -- training and evaluation -----------------------------------------------------------------------------------
+    def model(self, cfg: MA2TConfig | None):
+        """The CLIP trained with ``cfg`` (trained once; ``None``: the undefended CLIP)."""
+        from rclip.book import train_summary
+
+        if cfg is None:
+            return self.bundle
+        name = self.name(cfg)
+        if name not in self.trained:
+            self.trained[name], log = ma2t_clip(self.bundle, cfg, self.pairs, self.data_key, progress=False)
+            self.logs[name] = {**train_summary(log), "pairs": log.get("train_pairs")}
+        return self.trained[name]
+
+    def _key(self, cfg, split, eps, source, attack):
+        eps_key = None if attack in ("clean", "text") else round(eps * 255, 6)     # these ignore the image budget
+        return self.name(cfg), split, eps_key, source if attack in ("text", "co-attack", "sga") else None, attack
+
+    def evaluate(self, cfg: MA2TConfig | None, attacks, *, split: str = "test", eps: float | None = None,
+                 source: str | None = None) -> dict[str, Evaluation]:
+        """``{attack: Evaluation}`` of the model trained with ``cfg`` on the ``split`` gallery (``"test"`` or
+        ``"train"``), every image and caption attacked (:func:`rclip.attacks.evaluate_attacks`); made once each."""
+        from rclip.attacks.multimodal import evaluate_attacks
+
+        eps, source = self.eps if eps is None else eps, source or self.source
+        keys = {a: self._key(cfg, split, eps, source, a) for a in attacks}
+        todo = [a for a in attacks if keys[a] not in self._evals]
+        if todo:
+            rset = self.test if split == "test" else self.train_eval
+            got = evaluate_attacks(self.model(cfg), rset, todo, self.attack_cfg(eps, source), ks=(1,))
+            for a, r in got.items():
+                self._evals[keys[a]] = Evaluation(a, r.i2t_ranks, r.t2i_ranks, [list(c) for c in rset.img2txt],
+                                                  r.captions)
+        return {a: self._evals[keys[a]] for a in attacks}
+
+    def per_image(self, cfg, attack: str, k: int = 1, **kw):
+        """(N_img,) per-image R@k of ``cfg``'s model under ``attack`` (keywords as :meth:`evaluate`)."""
+        return self.evaluate(cfg, [attack], **kw)[attack].per_image(k)
+
+    def robust(self, cfg):
+        """(N_img,) the per-image robust score of Tables 3 / 5: the mean of the image's R@1 under Co-Attack and
+        under SGA (nominal budget, the text threat model)."""
+        return (self.per_image(cfg, "co-attack") + self.per_image(cfg, "sga")) / 2
+
+    # -- chance and the preconditions ------------------------------------------------------------------------------
+    def chance_text(self, cfgs=(None,), split: str = "test") -> str:
+        """The tables' chance line: R@k of a random ranking on the ``split`` gallery, and which of ``cfgs`` (an
+        iterable of configurations, or label -> configuration) retrieve at chance there."""
+        rset = self.test if split == "test" else self.train_eval
+        n = len(rset.images)
+        named = cfgs.items() if isinstance(cfgs, dict) else ((self.name(c), c) for c in cfgs)
+        at_chance = [name for name, c in named
+                     if not self.evaluate(c, ["clean"], split=split)["clean"].above_chance()["above"]]
+        return (f"chance R@1 = {100 / n:.1f} %, R@5 ≈ {min(100.0, 500 / n):.1f} % ({n} {split} images); at chance "
+                f"(clean TR@1 not above it): {', '.join(at_chance) or 'none'}")
+
+    def above_chance(self, cfg) -> Precondition:
+        """Precondition: ``cfg``'s model retrieves above chance on clean test images (the lower end of the Wilson
+        interval of its TR@1 above 1 / N_img)."""
+        r = self.evaluate(cfg, ["clean"])["clean"].above_chance()
+        return Precondition.above(f"{self.name(cfg)} clean TR@1, 95 % lower end (%)", r["ci_low"], r["chance"])
+
+    def asr(self, clean: Evaluation, adv: Evaluation) -> dict[str, float]:
+        """SGA's attack success rate at R@1 (%), TR and IR; NaN where the victim is at chance (nothing to attack)."""
+        from rclip.attacks.multimodal import attack_success
+
+        if not clean.above_chance()["above"]:
+            return {"ASR TR@1": float("nan"), "ASR IR@1": float("nan")}
+        return {"ASR TR@1": attack_success(clean.i2t, adv.i2t, 1), "ASR IR@1": attack_success(clean.t2i, adv.t2i, 1)}
+
+    def text_threat(self) -> Precondition:
+        """Precondition of every claim about the text half of MAT: BERT-Attack with the defenses' substitutes (the
+        text threat model) succeeds on the undefended CLIP at least :data:`TEXT_THREAT_ASR` % of the time (mean of
+        its TR@1 and IR@1 ASR)."""
+        got = self.evaluate(None, ["clean", "text"])
+        asr = self.asr(got["clean"], got["text"])
+        value = (asr["ASR TR@1"] + asr["ASR IR@1"]) / 2
+        return Precondition.at_least(f"BERT-Attack ({self.source}) ASR on CLIP, mean of TR@1 and IR@1 (%)",
+                                     None if value != value else value, TEXT_THREAT_ASR)
+
+    # -- the tables ------------------------------------------------------------------------------------------------
+    def attack_table(self):
+        """Section 1: the undefended CLIP under every attack — at the nominal budget with every text source, at the
+        reference budget with the threat model's — R@1 / R@5 and the ASR at R@1. Index (budget, attack, text
+        substitutes); ``"-"`` where a label does not apply."""
+        import pandas as pd
+
+        clean = self.evaluate(None, ["clean"])["clean"]
+        rows = {("-", "clean", "-"): {**clean.recall(), "ASR TR@1": float("nan"), "ASR IR@1": float("nan")}}
+        for label, eps in self.budgets.items():
+            pgd_ = self.evaluate(None, ["pgd"], eps=eps)["pgd"]
+            rows[(label, "PGD", "-")] = {**pgd_.recall(), **self.asr(clean, pgd_)}
+            for src in (self.sources if label == self.nominal else [self.source]):
+                for a, ev in self.evaluate(None, ["text", "co-attack", "sga"], eps=eps, source=src).items():
+                    rows[(label, ATTACK_NAMES[a], src)] = {**ev.recall(), **self.asr(clean, ev)}
+        df = pd.DataFrame(rows).T
+        df.index.names = ["budget", "attack", "text substitutes"]
+        return df
+
+    def adversarial_captions(self) -> dict[str, list[str]]:
+        """BERT-Attack's captions of the test gallery, per text source (the attack ignores the image budget)."""
+        return {s: self.evaluate(None, ["text"], source=s)["text"].captions for s in self.sources}
+
+    def substitution_table(self):
+        """Per text source, the share (%) of adversarial captions whose substituted word is a synonym, a related word
+        (same category: a meaning change), another word, or none (:func:`rclip.attacks.substitution_kinds`)."""
+        import pandas as pd
+
+        from rclip.attacks.text import substitution_kinds
+
+        kinds = {s: pd.Series(substitution_kinds(self.test.captions, c)).value_counts(normalize=True) * 100
+                 for s, c in self.adversarial_captions().items()}
+        df = pd.DataFrame(kinds).fillna(0.0).T.reindex(columns=["synonym", "related", "other", "unchanged"],
+                                                       fill_value=0.0)
+        df.index.name = "text substitutes"
+        return df
+
+    def table1(self, methods: dict, *, reference: bool = False):
+        """Table 1 (long): per (method, attack) the four recalls, clean and under Co-Attack and SGA at the nominal
+        budget (and at the reference budget too when ``reference``). methods: row label -> :class:`MA2TConfig`."""
+        import pandas as pd
+
+        rows = {}
+        for name, cfg in methods.items():
+            for a, ev in self.evaluate(cfg, ["clean", "co-attack", "sga"]).items():
+                rows[(name, ATTACK_NAMES[a] + ("" if a == "clean" else f" {self.nominal}"))] = ev.recall()
+            if reference and self.reference:
+                for a, ev in self.evaluate(cfg, ["co-attack", "sga"], eps=self.reference[1]).items():
+                    rows[(name, f"{ATTACK_NAMES[a]} {self.ref_label}")] = ev.recall()
+        df = pd.DataFrame(rows).T
+        df.index.names = ["method", "attack"]
+        return df
+
+    def table1_methods(self) -> dict[str, MA2TConfig]:
+        out = {"Fine-tune": self.train_cfg("finetune"), "TeCoA": self.train_cfg("tecoa"),
+               "MAT_Img": self.train_cfg("mat_img"), "MAT": self.train_cfg("mat")}
+        if self.p.get("mat_lexicon"):
+            out["MAT (lexicon adversary)"] = self.train_cfg("mat", adversary="lexicon")
+        return out
+
+    def gap_models(self) -> dict[str, MA2TConfig]:
+        return {"MAT": self.train_cfg("mat"), "MA²T I2T(Human)": self.train_cfg("mat", "human")}
+
+    def table2(self):
+        """Table 2: TR@5 / IR@5 under Co-Attack on training and on test images, for MAT and MA²T I2T(Human), with
+        the row ``Diff`` = test − train. Returns ``(table, {model: mean of the TR@5 and IR@5 differences})``."""
+        import pandas as pd
+
+        rows = {}
+        for name, cfg in self.gap_models().items():
+            for split in ("train", "test"):
+                rec = self.evaluate(cfg, ["co-attack"], split=split)["co-attack"].recall(ks=(5,))
+                for c in ("TR@5", "IR@5"):
+                    rows.setdefault((name, c), {})[split] = rec[c]
+        t2 = pd.DataFrame(rows).reindex(["train", "test"])
+        t2.loc["Diff"] = t2.loc["test"] - t2.loc["train"]
+        gap = {m: float(t2.loc["Diff", m].mean()) for m in self.gap_models()}
+        return t2, gap
+
+    def table3_models(self) -> list[MA2TConfig]:
+        return [self.train_cfg(b, a) for b in self.bases for a in [None, *self.augmentations]]
+
+    def table3(self):
+        """Tables 3 and 5 (long): every base with and without each augmentation, clean and under PGD, BERT-Attack,
+        Co-Attack and SGA (nominal budget, the text threat model). Index (model, attack)."""
+        import pandas as pd
+
+        rows = {(cfg.label(), ATTACK_NAMES[a]): ev.recall() for cfg in self.table3_models()
+                for a, ev in self.evaluate(cfg, ["clean", "pgd", "text", "co-attack", "sga"]).items()}
+        df = pd.DataFrame(rows).T
+        df.index.names = ["model", "attack"]
+        return df
+
+    def gains(self) -> dict[str, float]:
+        """Each augmentation's mean robust gain (points) over its base, averaged over the bases: a description; the
+        claims test each gain on its own."""
+        return {a: float(np.mean([(self.robust(self.train_cfg(b, a)) - self.robust(self.train_cfg(b))).mean()
+                                  for b in self.bases])) for a in self.augmentations}
+
+    def figure3_cfg(self, augment: str, m: int) -> MA2TConfig:
+        """``figure3_base`` trained with the ``m`` best-aligned of the four augmented points per pair (m = 0: the base
+        alone; m = 4: all four, the very model of Table 3)."""
+        base = self.p["figure3_base"]
+        if m == 0:
+            return self.train_cfg(base)
+        if m == 4:
+            return self.train_cfg(base, augment)
+        return self.train_cfg(base, augment, n_aug=m, select="aligned")
+
+    def figure3(self):
+        """Figure 3: SGA TR@1 / IR@1 of ``figure3_base`` with m = ``figure3_counts`` augmented points of each of
+        ``figure3_augmentations``. Index (augmentation's paper name, m)."""
+        import pandas as pd
+
+        from rclip.augment import PAPER_NAMES
+
+        rows = {}
+        for aug in self.p["figure3_augmentations"]:
+            for m in self.p["figure3_counts"]:
+                rec = self.evaluate(self.figure3_cfg(aug, m), ["sga"])["sga"].recall(ks=(1,))
+                rows[(PAPER_NAMES[aug], m)] = {"SGA TR@1": rec["TR@1"], "SGA IR@1": rec["IR@1"]}
+        return pd.DataFrame(rows).T
+
+    def alignment(self) -> dict[str, dict]:
+        """Figures 1–2: alignment and diversity of every augmentation in the starting CLIP's space, over four points
+        of each of the first ``n_align`` training pairs (:func:`rclip.augment.alignment_diversity`)."""
+        from rclip.augment import alignment_diversity
+
+        idx = range(min(self.p["n_align"], len(self.pairs)))
+        return {a: alignment_diversity(self.bundle, self.pairs, a, idx, 4, self.p["seed"]) for a in self.augmentations}
+
+    # -- the claims ------------------------------------------------------------------------------------------------
+    def _r1_compare(self, claim, a, b, labels, *, source="paper", **kw) -> dict:
+        from rclip.claims import compare
+
+        return compare(claim, a, b, metric=R1_METRIC, source=source, labels=labels, items="images", **kw)
+
+    def attack_claims(self, source: str | None = None) -> list[dict]:
+        """The attacks on the undefended CLIP with ``source``'s substitutes, nominal budget: the multimodal attacks
+        (Co-Attack, SGA) deceive it more than the unimodal ones (PGD, BERT-Attack) — the paper's — and SGA is at
+        least as strong as Co-Attack (within :data:`SGA_TOLERANCE` points) — the book's reading of the SGA paper and
+        of MA²T's Table 1. Lower R@1 is stronger, so side ``a`` is the weaker attack's R@1."""
+        source = source or self.source
+        r1 = {a: self.per_image(None, a, source=source) for a in ("pgd", "text", "co-attack", "sga")}
+        pre = [self.above_chance(None)]
+        tag = f"({source} substitutes, {self.nominal})"
+        rows = [self._r1_compare(f"{ATTACK_NAMES[m]} deceives CLIP more than {ATTACK_NAMES[u]} {tag}", r1[u], r1[m],
+                                 (ATTACK_NAMES[u], ATTACK_NAMES[m]), preconditions=pre,
+                                 note="the paper: Co-Attack and SGA 'are more effective at deceiving VL models than "
+                                      "unimodal attacks'")
+                for m in ("co-attack", "sga") for u in ("pgd", "text")]
+        rows.append(self._r1_compare(f"SGA is at least as strong as Co-Attack {tag}", r1["co-attack"], r1["sga"],
+                                     ("Co-Attack", "SGA"), source="book", tolerance=SGA_TOLERANCE, preconditions=pre,
+                                     note=f"non-inferiority: SGA's R@1 at most {SGA_TOLERANCE:g} points above "
+                                          "Co-Attack's"))
+        return rows
+
+    def defense_claims(self) -> list[dict]:
+        """Table 1: MAT beats Fine-tune, TeCoA and MAT_Img under Co-Attack and under SGA. Both models must be above
+        chance; against TeCoA and MAT_Img (which differ from MAT by its text half) the text threat must exist."""
+        methods = self.table1_methods()
+        mat, threat = methods["MAT"], self.text_threat()
+        rows = []
+        for other in ("Fine-tune", "TeCoA", "MAT_Img"):
+            pre = [self.above_chance(mat), self.above_chance(methods[other])] + ([threat] if other != "Fine-tune"
+                                                                                   else [])
+            for a in ("co-attack", "sga"):
+                rows.append(self._r1_compare(f"MAT beats {other} under {ATTACK_NAMES[a]} ({self.nominal})",
+                                             self.per_image(mat, a), self.per_image(methods[other], a),
+                                             ("MAT", other), preconditions=pre))
+        return rows
+
+    def gap_claim(self) -> dict:
+        """Table 2: MA²T I2T(Human) narrows MAT's train − test gap (R@5 under Co-Attack). Per item, each model's
+        test − train per-image R@5 on index-matched pairs (test image i, training image i): the two samples are
+        independent, so pairing them by index is an honest pairing, and the mean difference is the difference of the
+        two gaps. Precondition: MAT's train − test gap is at least :data:`GAP_MIN` points."""
+        from rclip.claims import compare
+
+        (mat_name, mat), (ma2t_name, ma2t) = self.gap_models().items()
+        per = {(m, s): self.per_image(cfg, "co-attack", 5, split=s) for m, cfg in (("mat", mat), ("ma2t", ma2t))
+               for s in ("train", "test")}
+        n = min(len(per[("mat", "train")]), len(per[("mat", "test")]))
+        gap = float(per[("mat", "train")].mean() - per[("mat", "test")].mean())
+        pre = [Precondition.at_least(f"{mat_name} train − test gap, R@5 under Co-Attack, mean of TR and IR (points)",
+                                     gap, GAP_MIN), self.above_chance(mat)]
+        return compare(f"{ma2t_name} narrows {mat_name}'s train − test gap (Co-Attack, R@5)",
+                       per[("ma2t", "test")][:n] - per[("ma2t", "train")][:n],
+                       per[("mat", "test")][:n] - per[("mat", "train")][:n],
+                       metric="test − train per-image R@5 (points)", labels=(ma2t_name, mat_name),
+                       items="image pairs", preconditions=pre,
+                       note=f"test image i paired with training image i, i < {n}")
+
+    def pooled(self, augs) -> "np.ndarray":
+        """(N_img,) the pooled robust score of a group of augmentations: per test image, the mean of
+        :meth:`robust` over every (base, augmentation) model of the group."""
+        return np.mean([self.robust(self.train_cfg(b, a)) for b in self.bases for a in augs], axis=0)
+
+    def augmentation_claims(self) -> list[dict]:
+        """Tables 3 / 5: each augmentation improves on its base (robust score, decided on its own); then, on pooled
+        scores (:meth:`pooled`), text beats image augmentations, I2T beats T2T, T2I vs I2I, and cross-modal beats
+        intra-modal — each run only where both groups were trained."""
+        from rclip.augment import KINDS, PAPER_NAMES, TEXT_AUGMENTATIONS
+
+        rows = []
+        for b in self.bases:
+            base = self.train_cfg(b)
+            for aug in self.augmentations:
+                cfg = self.train_cfg(b, aug)
+                text = aug in TEXT_AUGMENTATIONS
+                rows.append(self._r1_compare(
+                    f"{cfg.label()} beats {base.label()} (robust R@1)", self.robust(cfg), self.robust(base),
+                    (cfg.label(), base.label()), source="paper" if text else "book",
+                    preconditions=[self.above_chance(base)],
+                    note="robust R@1: per image, the mean of its R@1 under Co-Attack and SGA" + (
+                        "" if text else f"; the paper's Table 3 shows {PAPER_NAMES[aug]} as no or a mixed gain")))
+        groups = [("text augmentations beat image augmentations", ("I2T", "T2T"), ("I2I", "T2I"), "paper"),
+                  ("cross-modal text augmentations beat intra-modal ones (I2T vs T2T)", ("I2T",), ("T2T",), "paper"),
+                  ("cross-modal image augmentation beats intra-modal (T2I vs I2I)", ("T2I",), ("I2I",), "book"),
+                  ("cross-modal augmentations beat intra-modal ones", ("I2T", "T2I"), ("T2T", "I2I"), "paper")]
+        of = {k: [a for a in self.augmentations if KINDS[a] in k] for _, ka, kb, _ in groups for k in (ka, kb)}
+        pre = [self.above_chance(self.train_cfg(b)) for b in self.bases]
+        for claim, ka, kb, src in groups:
+            if of[ka] and of[kb]:
+                rows.append(self._r1_compare(
+                    f"{claim} (pooled robust R@1)", self.pooled(of[ka]), self.pooled(of[kb]),
+                    (" + ".join(PAPER_NAMES[a] for a in of[ka]), " + ".join(PAPER_NAMES[a] for a in of[kb])),
+                    source=src, preconditions=pre,
+                    note="pooled: per test image, the mean robust R@1 of every base trained with each augmentation "
+                         "of the group"))
+        return rows
+
+    def figure3_claims(self) -> list[dict]:
+        """Figure 3 (SGA, per-image R@1): more Human captions, more robustness (largest m vs m = 0); the generator
+        (SD's analog) helps up to two images (m = 2 vs 0) and then degrades (m = 2 vs 4)."""
+        counts, augs = list(self.p["figure3_counts"]), list(self.p["figure3_augmentations"])
+        base = self.train_cfg(self.p["figure3_base"])
+        pre = [self.above_chance(base)]
+        sga_ = {(a, m): self.per_image(self.figure3_cfg(a, m), "sga") for a in augs for m in counts}
+        rows = []
+        top = max(counts) if counts else 0
+        if "human" in augs and 0 in counts and top > 0:
+            rows.append(self._r1_compare(f"more Human captions, more robustness: m = {top} beats m = 0 (SGA)",
+                                         sga_[("human", top)], sga_[("human", 0)], (f"m={top}", "m=0"),
+                                         preconditions=pre, note="Figure 3b"))
+        if "generator" in augs and {0, 2, 4} <= set(counts):
+            rows.append(self._r1_compare("two generated images beat none: m = 2 beats m = 0 (SGA)",
+                                         sga_[("generator", 2)], sga_[("generator", 0)], ("m=2", "m=0"),
+                                         preconditions=pre, note="Figure 3a, SD's world analog"))
+            rows.append(self._r1_compare("beyond two generated images robustness degrades: m = 2 beats m = 4 (SGA)",
+                                         sga_[("generator", 2)], sga_[("generator", 4)], ("m=2", "m=4"),
+                                         preconditions=pre, note="Figure 3a, SD's world analog"))
+        return rows
+
+    def claims(self) -> list[dict]:
+        """Every claim of the chapter, in the order of its sections."""
+        rows = [r for s in self.sources for r in self.attack_claims(s)]
+        return [*rows, *self.defense_claims(), self.gap_claim(), *self.augmentation_claims(), *self.figure3_claims()]
+
+
+def retrieval_study(run) -> RetrievalStudy:
+    """The chapter's set-up from the notebook's resolved parameters (``run.params``).
+
+    World scale: the CLIP named by ``model`` / ``checkpoint``, the world's retrieval test split (``n_eval`` images x
+    5 true captions), ``n_train_eval`` training images with all their captions (Table 2), ``n_train`` 1:1 training
+    pairs of the retrieval train split, and the world's reference budget (:func:`retrieval_reference_budget`).
+    Paper scale: ``model`` / ``pretrained`` / ``checkpoint`` through ``inputs``, the Karpathy splits of ``dataset``
+    (:func:`paper_retrieval_inputs`); the augmentations that need the world's ground truth are dropped."""
+    from rclip import data, models, world
+    from rclip.augment import WORLD_ONLY
+
+    p = dict(run.params)
+    n_eval, n_train, n_te = int(p["n_eval"]), int(p["n_train"]), int(p["n_train_eval"])
+    if p["scale"] == "paper":
+        annotations, image_root = paper_retrieval_inputs(p["inputs"], p["dataset"])
+        bundle = data.paper_model({**p["inputs"], "model": p["model"], "pretrained": p["pretrained"],
+                                   "checkpoint": p["checkpoint"]}, device=run.device)
+
+        def load(split, n):
+            return data.retrieval_dataset(annotations, image_root, bundle.preprocess, split=split, limit=n)
+        synonyms = None
+        if "eda" in p["augmentations"]:
+            from rclip.attacks import WordNetSubstitutes
+            synonyms = WordNetSubstitutes().synonyms  # EDA's own synonym source; raises naming the fix if absent
+        for key in ("augmentations", "figure3_augmentations"):
+            p[key] = [a for a in p[key] if a not in WORLD_ONLY]
+        return RetrievalStudy(bundle, load("test", n_eval), load("train", n_te),
+                              RetrievalSetPairs(load("train", n_train), synonyms=synonyms),
+                              {"annotations": annotations, "n": n_train}, p, scale="paper",
+                              data=f"{p['dataset']}'s Karpathy test split ({n_eval} images x 5 captions)")
+    if p["scale"] != "world":
+        raise RClipError(f"scale must be 'world' or 'paper', got {p['scale']!r}")
+    bundle = models.load(p["model"], checkpoint=p["checkpoint"], device=run.device)
+    res, seed = int(p["resolution"]), int(p["seed"])
+    if bundle.image_size != res:
+        raise RClipError(f"{p['model']} takes {bundle.image_size} px images; set resolution={bundle.image_size}")
+    ref = retrieval_reference_budget(run)
+    return RetrievalStudy(bundle, world.retrieval_set(split="test", n=n_eval, resolution=res, seed=seed),
+                          world.retrieval_set(split="train", n=n_te, resolution=res, seed=seed),
+                          WorldRetrievalPairs(n_train, split="train", resolution=res, seed=seed),
+                          {"world": "retrieval/train", "n": n_train, "resolution": res, "seed": seed}, p,
+                          scale="world", data=f"the world's retrieval test split ({n_eval} images x 5 true captions)",
+                          reference=ref[:2] if ref else None, reference_source=ref[2] if ref else "")
+
+
+def alignment_table(measured: dict, gains: dict):
+    """Figures 1–2 in numbers: per augmentation its kind, mean alignment, mean diversity and mean robust gain, and
+    the row ``Orig.`` (the 1:1 pairs' alignment). measured: :meth:`RetrievalStudy.alignment`; gains:
+    :meth:`RetrievalStudy.gains`."""
+    import pandas as pd
+
+    from rclip.augment import KINDS
+
+    df = pd.DataFrame({a: {"kind": KINDS[a], "alignment": float(m["alignment"].mean()),
+                           "diversity": float(m["diversity"].mean()), "robust gain": gains.get(a, float("nan"))}
+                       for a, m in measured.items()}).T
+    if measured:
+        original = next(iter(measured.values()))["original"]
+        df.loc["Orig."] = pd.Series({"kind": "-", "alignment": float(original.mean()), "diversity": 0.0,
+                                     "robust gain": 0.0})
+    return df
+
+
+def rank_correlations(table) -> dict[str, float]:
+    """Spearman's rank correlation of the robust gain with mean alignment and with mean diversity over the
+    augmentations of :func:`alignment_table` (``Orig.`` left out): a description of a handful of points, not a test.
+    NaN where a column is constant or fewer than three augmentations were measured."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    rows = table.drop(index="Orig.", errors="ignore")
+    out = {}
+    for col in ("alignment", "diversity"):
+        if len(rows) < 3:
+            out[col] = float("nan")
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[col] = float(spearmanr(rows[col].astype(float), rows["robust gain"].astype(float)).statistic)
+    return out
