@@ -65,7 +65,8 @@ class Run:
 
     ``results`` must be a JSON-serialisable dict of the notebook's key figures; it is written under the key
     ``results``, apart from the run's metadata (``profile``, ``parameters``, ``seed``, ``device``, ``versions``,
-    ``revision``, ``wall_s``), so two runs with the same profile, seed and device have identical ``results``.
+    ``revision``, ``wall_s``, ``timings``), so two runs with the same profile, seed and device have identical
+    ``results``: nothing measured in seconds belongs in ``results``.
     """
 
     def __init__(self, notebook: str, profile: str, seed: int = 0, device: str = "auto",
@@ -77,6 +78,7 @@ class Run:
         self.results_path = Path(results_path) if results_path else None
         self.params = dict(params or {})
         self.overridden = list(overridden)
+        self.timings: dict[str, object] = {}
         self.t0 = time.time()
         seed_everything(self.seed)
 
@@ -96,6 +98,11 @@ class Run:
                              f"`rclip book --profile {self.profile} --only {notebook}` first")
         return json.loads(path.read_text(encoding="utf-8")), str(path)
 
+    def time(self, name: str, value) -> None:
+        """Record a measured time (seconds, ms per image, a ratio of two timings ...). Timings go to the JSON's
+        ``timings``, beside ``results``: they vary from run to run, and ``results`` must not."""
+        self.timings[name] = value
+
     def save(self, results: dict) -> dict:
         from rclip.world_clip import library_versions
 
@@ -113,6 +120,7 @@ class Run:
             "versions": library_versions(),
             "revision": code_revision(),
             "wall_s": round(time.time() - self.t0, 1),
+            "timings": _jsonable(self.timings),
             "results": _jsonable(results),
         }
         if self.results_path is not None:
@@ -202,10 +210,11 @@ def records(df) -> dict:
 
 
 def train_summary(log: dict) -> dict:
-    """The few figures of a training log a chapter reports: steps, wall time, final loss."""
+    """The few figures of a training log a chapter reports in its results: steps and final loss. (Wall times vary
+    from run to run and between a fresh and a cached artefact: record them with :meth:`Run.time`, outside
+    ``results``.)"""
     records_ = log.get("records") or []
-    return {"steps": log.get("last_step"), "wall_s": log.get("wall_s"),
-            "final_loss": records_[-1]["loss"] if records_ else None}
+    return {"steps": log.get("last_step"), "final_loss": records_[-1]["loss"] if records_ else None}
 
 
 def load_results(notebook: str, book_dir: str | Path | None = None) -> dict:

@@ -10,7 +10,7 @@ import torch
 from rclip import models, world, zeroshot
 from rclip.errors import RClipError
 from rclip.methods.fusion import (FusionConfig, fuse_clips, fuse_visual, neuron_cost, permute_visual,
-                                  transport_plans, visual_state)
+                                  permuted_copy_check, relative_weight_error, transport_plans, visual_state)
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +176,18 @@ def test_bad_inputs_are_refused(world_clip, tiny):
         other.model.text_projection.add_(1.0)
     with pytest.raises(RClipError, match="different text tower"):
         fuse_clips([tiny, other])
+
+
+def test_permuted_copy_check_returns_the_original_and_breaks_averaging(tiny):
+    task = world.zeroshot_task("colour", n=12, resolution=32, seed=2)
+    rows = permuted_copy_check(tiny, task, {"average": FusionConfig("none"), "hard": FusionConfig("hard")}, seed=1)
+    assert list(rows) == ["original", "permuted copy", "average", "hard"]
+    assert rows["original"] == {"weight_error": 0.0, "top1": zeroshot.evaluate(tiny, task)["templates"]}
+    assert rows["permuted copy"]["weight_error"] is None
+    assert rows["permuted copy"]["top1"] == rows["original"]["top1"]           # the same function
+    assert rows["hard"]["weight_error"] < 1e-6 and rows["hard"]["top1"] == rows["original"]["top1"]
+    assert rows["average"]["weight_error"] > 0.1
+    state = visual_state(tiny)
+    assert relative_weight_error(state, state) == 0.0
+    doubled = {k: 2 * v for k, v in state.items()}
+    assert relative_weight_error(doubled, state) == pytest.approx(1.0)        # ‖2w − w‖ / ‖w‖ per tensor

@@ -1,13 +1,17 @@
 """HOT-CLIP's pipeline on the tiny CLIP: submodels, the three fusion strategies, cached artefacts and the count of
-towers in memory; the training attacks; the fusion experiment's helpers."""
+towers in memory; the training attacks; the chapter's helpers; the independent-towers experiment."""
+import numpy as np
 import pytest
 import torch
 
 from rclip import world
 from rclip.errors import RClipError
+from rclip.methods import hot_clip as hc
+from rclip.methods import towers as tw
 from rclip.methods.fusion import FusionConfig, visual_state
-from rclip.methods.hot_clip import (HotClip, HotClipConfig, Residency, Tower, TowerConfig, adversarial_images, barrier,
-                                    independent_tower, interpolation_curve)
+from rclip.methods.hot_clip import HotClip, HotClipConfig, Residency, Tower, adversarial_images
+from rclip.methods.towers import TowerConfig, barrier, independent_tower, interpolation_curve
+from rclip.robustness import Scores
 from rclip.train import TrainConfig
 from rclip.zeroshot import accuracy, zeroshot_classifier
 
@@ -116,12 +120,70 @@ def test_independent_towers_and_interpolation(tiny):
     sa, sb = visual_state(a), visual_state(b)
     flat = interpolation_curve(tiny, sa, sa, tasks, [0, 0.5, 1])
     assert barrier(flat) == pytest.approx(0, abs=1e-5)
-    assert barrier([{"lambda": 0, "loss": 1}, {"lambda": 0.5, "loss": 3}, {"lambda": 1, "loss": 2}]) == 1.5
-    assert barrier([{"lambda": 0, "top1": 50}, {"lambda": 0.5, "top1": 10}, {"lambda": 1, "top1": 40}],
-                   "top1") == 35
+    assert barrier([{"mix": 0, "loss": 1}, {"mix": 0.5, "loss": 3}, {"mix": 1, "loss": 2}]) == 1.5
+    assert barrier([{"mix": 0, "top1": 50}, {"mix": 0.5, "top1": 10}, {"mix": 1, "top1": 40}], "top1") == 35
     curve = interpolation_curve(tiny, sa, sb, tasks, [0, 1])
     assert curve[0]["top1"] == pytest.approx(accuracy(zeroshot_classifier(a, tasks["colour"]),
                                                       *tasks["colour"].tensors()))
+    # fusion variants, per-image scores, the table and the precondition's ratio
+    configs = {"none": FusionConfig("none"), "weights, hard": FusionConfig("hard")}
+    fused, aligned = tw.fuse_variants(a, b, configs)
+    assert set(fused) == {"none", "weights, hard"} and set(aligned) == {"weights, hard"}
+    for k in sa:                                                    # plain averaging: the arithmetic mean
+        torch.testing.assert_close(fused["none"].state[k], (sa[k].float() + sb[k].float()) / 2)
+    models = {"A": a, "B": b, tw.label("none"): tiny.with_visual(fused["none"].state)}
+    scores, losses = tw.evaluate(models, tasks)
+    assert scores.items("A", "clean", ["colour"]).mean() == pytest.approx(curve[0]["top1"])
+    assert losses["A"] == pytest.approx(curve[0]["loss"]) and tw.label("none") == tw.AVERAGE == "plain average"
+    table = tw.table(scores, losses, {"A": 12.5})
+    assert list(table.index) == ["A", "B", "plain average"] and table.loc["A", "A aligned, alone (%)"] == 12.5
+    assert np.isnan(table.loc["B", "A aligned, alone (%)"])
+    top_b = tw.pooled_top1(scores, "B")
+    assert tw.relative_top1(scores, "A", "B") == (None if top_b == 0 else pytest.approx(100 * curve[0]["top1"] / top_b))
+
+
+def test_chapter_helpers(tiny):
+    params = {"attacks": ["pgd", "mim"], "n_templates": 2, "train_eps": 2, "hot_attack_steps": 3, "submodel_steps": 8,
+              "intra_steps": 4, "inter_steps": 0, "hot_batch": 16, "hot_lr": None, "finetune_lr": 1e-4,
+              "fusion_alignment": "soft", "fusion_reg": 0.08, "seed": 3}
+    cfg = hc.config(params)
+    assert cfg.attacks == ("pgd", "mim") and cfg.eps == 2 / 255 and cfg.fusion == FusionConfig("soft", reg=0.08)
+    assert cfg.submodel.lr == cfg.intra.lr == 1e-4 and cfg.submodel.min_lr == pytest.approx(1e-5)   # hot_lr unset
+    assert (cfg.submodel.steps, cfg.intra.steps, cfg.inter.steps, cfg.submodel.seed) == (8, 4, 0, 3)
+    assert hc.config({**params, "hot_lr": 3e-5}).submodel.lr == 3e-5
+    only = hc.fusion_only(cfg)
+    assert only.intra.steps == only.inter.steps == 0 and only.submodel == cfg.submodel
+    assert hc.pools(3, 3) == [(1, 3), (2, 3), (3, 3), (3, 1)] and hc.pools(1, 1) == [(1, 1)]
+    peaks = {"average": (10, 3.0), "direct": (10, 3.0), "hierarchical": (4, 1.2)}
+    mem = hc.memory_table({k: {"peak_towers": n, "peak_mb": mb} for k, (n, mb) in peaks.items()}, 3, 3)
+    assert mem.iloc[:, 2].tolist() == [10, 10, 4]                   # |A||T| + 1, |A||T| + 1, max(|A|, |T|) + 1
+    # scores: a measured encoder enters another table unchanged; gaps and the n a stated gain needs
+    tasks = {"colour": world.zeroshot_task("colour", n=16, resolution=32)}
+    first = hc.autoattack_scores({"CLIP": tiny}, tasks, {"4/255": 4 / 255}, steps=2)
+    again = hc.autoattack_scores({"CLIP": hc.measured(first, "CLIP", ["colour"], first.conditions)}, tasks, {}, steps=2)
+    assert again.data.keys() == first.data.keys()
+    assert all(np.array_equal(again.data[k], first.data[k]) for k in first.data)
+    s = Scores({"t": 2})
+    s.add("a", "t", "clean", np.r_[np.ones(90), np.zeros(10)])
+    s.add("b", "t", "clean", np.r_[np.ones(80), np.zeros(20)])
+    means = s.means()
+    assert hc.gap(means, "a", "b", "clean") == pytest.approx(10) and hc.gap(means, "a", "c", "clean") is None
+    from rclip.claims import n_needed
+
+    d = s.items("a", "clean", ["t"]) - s.items("b", "clean", ["t"])
+    assert hc.n_to_resolve(s, "a", "b", "clean", 1.0) == n_needed(1.0, d.std(ddof=1) / 10, 100)
+    assert hc.n_to_resolve(s, "a", "b", "clean", 1.0) > hc.n_to_resolve(s, "a", "b", "clean", 5.0)
+    assert hc.n_to_resolve(s, "a", "a", "clean", 1.0) is None                     # no spread: nothing to size
+
+
+def test_variant_and_self_match(tiny):
+    pipe = _pipeline(tiny)
+    small = pipe.variant(attacks=("pgd",), n_templates=2)
+    assert small.cfg.attacks == ("pgd",) and small.cfg.n_templates == 2 and small.data_key == pipe.data_key
+    assert pipe.variant(hc.fusion_only(pipe.cfg)).cfg.inter.steps == 0
+    shares, direct = pipe.self_match()
+    assert set(shares) == {"all 9 submodels onto one anchor", "within FGSM", "within PGD", "within MIM"}
+    assert all(0 < v <= 1 for v in shares.values()) and len(direct.weights) == 9
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,6 +252,15 @@ def test_chapter2_runs_at_paper_scale_on_stand_ins(tmp_path, tiny, make_cifar10)
     res = json.loads(results.read_text())["results"]
     assert res["scale"] == "paper" and res["tasks"] == ["cifar10"] and res["n_eval"] == 6
     assert res["budgets_255"] == {"2/255": 2, "4/255": 4}                # no world reference budget
-    assert {"CLIP/cifar10", "TeCoA/cifar10", "FARE/cifar10", "HOT-CLIP/cifar10"} <= set(res["table1"])
+    assert res["reference_budgets_255"] == {}
+    assert {f"{m} | cifar10" for m in ("CLIP", "TeCoA", "FARE", "HOT-CLIP")} <= set(res["table1"])
+    assert set(res["table1"]["CLIP | cifar10"]) >= {"chance", "clean", "2/255", "4/255", "above chance"}
+    assert {"direct average", "direct OT fusion", "hierarchical OT, fusion only", "HOT-CLIP"} == set(res["table5_mean"])
+    assert set(res["table7_mean"]) == {"1 x 3", "2 x 3", "3 x 3", "3 x 1"} and len(res["table8_mean"]) == 2
     assert "towers" not in res                                           # the tower experiment is world-only
-    assert set(res["memory"]) == {"average", "direct", "hierarchical"} and res["claims"]
+    assert set(res["memory"]) == {"average", "direct", "hierarchical"}
+    from rclip import claims
+
+    records = [claims.check(r) for r in res["claims"]]
+    assert any(r["claim"].startswith("HOT-CLIP improves robustness over TeCoA") for r in records)
+    assert not any(r["claim"].startswith("OTFusion") for r in records)

@@ -761,3 +761,31 @@ def permute_visual(state: dict[str, torch.Tensor], heads: int, *, seed: int = 0,
         out[p + "mlp.c_fc.bias"] = state[p + "mlp.c_fc.bias"][mlp]
         out[p + "mlp.c_proj.weight"] = state[p + "mlp.c_proj.weight"][res][:, mlp]
     return out, perms
+
+
+def relative_weight_error(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """The largest relative difference, over parameters, of ``state`` from ``reference``:
+    max_k ‖state[k] − reference[k]‖ / ‖reference[k]‖ (Frobenius norms; 0 when they are equal)."""
+    return max(((state[k].float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+               for k, ref in reference.items())
+
+
+def permuted_copy_check(bundle, task, configs: dict[str, FusionConfig], *, seed: int = 0) -> dict[str, dict]:
+    """Fusion where the answer is known: ``bundle``'s image tower and a randomly neuron-permuted copy of it
+    (:func:`permute_visual`: the same function, other weights) are fused with each configuration; a fusion that
+    aligns exactly returns the original. Returns ``{row: {"weight_error", "top1"}}`` for the original, the permuted
+    copy and each configuration: the largest relative weight error against the original
+    (:func:`relative_weight_error`; None for the copy, whose weights are a permutation) and the clean zero-shot
+    top-1 (%) on ``task`` (template prompts)."""
+    from rclip.zeroshot import evaluate
+
+    state = visual_state(bundle)
+    heads = num_heads(bundle)
+    permuted, _ = permute_visual(state, heads, seed=seed)
+    rows = {"original": {"weight_error": 0.0, "top1": evaluate(bundle, task)["templates"]},
+            "permuted copy": {"weight_error": None, "top1": evaluate(bundle.with_visual(permuted), task)["templates"]}}
+    for name, cfg in configs.items():
+        fused = fuse_visual([state, permuted], cfg=cfg, heads=heads).state
+        rows[name] = {"weight_error": relative_weight_error(fused, state),
+                      "top1": evaluate(bundle.with_visual(fused), task)["templates"]}
+    return rows

@@ -20,9 +20,10 @@ and the pool sizes share submodels, and a re-run loads instead of training. Towe
 when a step needs them and released after it; :class:`Residency` counts the towers alive at each moment, which
 measures the peak number of models in memory (the paper's O(max(|A|, |T|) · U) against O(|A||T| · U)).
 
-The module also holds the fusion experiment of the chapter: image towers trained from different random
-initialisations against one frozen text tower (LiT-style, :func:`independent_tower`), and straight-line
-interpolation between two towers (:func:`interpolation_curve`).
+The chapter's helpers close the module: the configuration and training data from a notebook's parameters
+(:func:`config`, :func:`training_data`), AutoAttack scores of several encoders with measured ones reused
+(:func:`autoattack_scores`, :func:`measured`), the items a stated gain would need (:func:`n_to_resolve`) and the
+memory table (:func:`memory_table`). The book's independent-towers experiment is :mod:`rclip.methods.towers`.
 """
 from __future__ import annotations
 
@@ -40,11 +41,11 @@ import torch.nn.functional as F
 from rclip.attacks.image import fgsm, mim, pgd
 from rclip.cache import artefact_path, write_json
 from rclip.errors import RClipError
-from rclip.methods.fusion import FusionConfig, fuse_visual
+from rclip.methods.fusion import FusionConfig, fuse_visual, self_match_share
 from rclip.methods.robust_finetune import (AdvFinetuneConfig, _zero_shot_logits, fare_step,
                                            freeze_all_but_image_encoder)
 from rclip.train import LossFn, TrainConfig, fit, save_tower, train_cached
-from rclip.zeroshot import ZeroShotClassifier, class_embeddings, zeroshot_classifier
+from rclip.zeroshot import ZeroShotClassifier, class_embeddings
 
 ATTACKS = ("fgsm", "pgd", "mim")
 STRATEGIES = ("average", "direct", "hierarchical")
@@ -352,6 +353,34 @@ class HotClip:
         self._save(key, fused)
         return fused
 
+    def encoder(self):
+        """HOT-CLIP (:meth:`hierarchical`) as a CLIP bundle for evaluation."""
+        return self.bundle(self.hierarchical())
+
+    def variant(self, cfg: HotClipConfig | None = None, **changes) -> "HotClip":
+        """The same pipeline (base, data, cache) with another configuration (``cfg``, default this one's) and some
+        settings changed, e.g. ``variant(eps=2 / 255)`` or ``variant(attacks=("fgsm",), n_templates=3)``: a smaller
+        pool reuses this one's cached submodels."""
+        return HotClip(self.base, self.dataset, self.data_key, self.classnames, self.templates,
+                       replace(cfg or self.cfg, **changes), progress=self.progress, cache_dir=self.cache_dir)
+
+    def self_match(self) -> tuple[dict[str, float], object]:
+        """How much OT moves anything in this pool: the share of each anchor neuron's weight that OT takes from the
+        same-index neuron (:func:`rclip.methods.fusion.self_match_share`; 1 = alignment is the identity and fusion
+        is plain averaging), for all submodels aligned onto one anchor at once and within each attack.
+
+        Returns ``(shares, the direct fusion's FusionResult)`` (its plans are the chapter's figure)."""
+        pairs = [(a, t) for a in self.cfg.attacks for t in self.templates_for(a)]
+        subs = [self.submodel(a, t) for a, t in pairs]
+        direct = fuse_visual(subs, cfg=self.cfg.fusion, heads=_heads(self.base))
+        shares = {f"all {len(pairs)} submodels onto one anchor": self_match_share(direct)} if len(subs) > 1 else {}
+        for a in self.cfg.attacks:
+            members = [s for (aa, _), s in zip(pairs, subs) if aa == a]
+            if len(members) > 1:
+                shares[f"within {a.upper()}"] = self_match_share(fuse_visual(members, cfg=self.cfg.fusion,
+                                                                             heads=_heads(self.base)))
+        return shares, direct
+
     def strategy(self, name: str) -> tuple[Tower, dict]:
         """Run one fusion strategy of the ablation from the trained pool, counting resident towers.
 
@@ -390,135 +419,119 @@ def _heads(bundle) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The fusion experiment: image towers from different initialisations, one frozen text tower
+# The chapter's helpers
 # ----------------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class TowerConfig:
-    """LiT-style training of an image tower from scratch against the base's frozen text tower.
-
-    pairs: pre-rendered world image-caption pairs (train split, ``data_seed``), reused for every tower; the loss
-    is symmetric InfoNCE between the tower's embeddings and the captions' frozen text embeddings at the base's
-    temperature. train: the schedule (``train.seed`` is not used: each tower's seed sets its initialisation and
-    data order)."""
-    pairs: int = 4096
-    resolution: int = 64
-    data_seed: int = 0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=64, lr=1e-3, min_lr=1e-5,
-                                                                   warmup_steps=40, weight_decay=0.1, ckpt_every=100))
+#: The baselines of the paper's Table 1, by the name :func:`rclip.chapter.robust_baselines` gives them.
+BASELINES = {"tecoa": "TeCoA", "fare": "FARE"}
 
 
-class _FrozenTextPairs(torch.utils.data.Dataset):
-    """Pre-rendered images with their captions' frozen text embeddings: batches {"images", "text", "index"}."""
-
-    def __init__(self, images: torch.Tensor, text: torch.Tensor):
-        self.images, self.text = images, text
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitems__(self, idx):
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        return {"images": self.images[idx], "text": self.text[idx], "index": idx}
+def schedule(steps: int, batch_size: int, lr: float, seed: int = 0) -> TrainConfig:
+    """One stage's schedule: the paper's AdamW with weight decay 0.01, cosine from ``lr`` to lr / 10 after a 10 %
+    warm-up, four checkpoints. ``steps=0`` skips the stage."""
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 10),
+                       weight_decay=0.01, ckpt_every=max(1, steps // 4), seed=seed)
 
 
-_PAIRS: dict[str, _FrozenTextPairs] = {}
+def config(params: dict) -> HotClipConfig:
+    """The :class:`HotClipConfig` of a notebook's parameters: ``attacks``, ``n_templates``, ``train_eps`` (x 1/255),
+    ``hot_attack_steps``, ``submodel_steps`` / ``intra_steps`` / ``inter_steps``, ``hot_batch``, ``hot_lr`` (None:
+    ``finetune_lr``, the baselines' rate), ``fusion_alignment``, ``fusion_reg``, ``seed``."""
+    p = params
+    lr = float(p["hot_lr"] if p.get("hot_lr") is not None else p["finetune_lr"])
+    stage = {k: schedule(int(p[f"{k}_steps"]), int(p["hot_batch"]), lr, int(p["seed"]))
+             for k in ("submodel", "intra", "inter")}
+    return HotClipConfig(attacks=tuple(p["attacks"]), n_templates=int(p["n_templates"]), eps=p["train_eps"] / 255,
+                         attack_steps=int(p["hot_attack_steps"]), **stage,
+                         fusion=FusionConfig(p["fusion_alignment"], reg=float(p["fusion_reg"])),
+                         template_seed=int(p["seed"]))
 
 
-def _lit_pairs(base, cfg: TowerConfig) -> _FrozenTextPairs:
-    from rclip import world
-    from rclip.cache import key_of
-
-    key = key_of({"base": base.meta.get("sha256"), "n": cfg.pairs, "res": cfg.resolution, "seed": cfg.data_seed})
-    if key not in _PAIRS:
-        batch = world.WorldPairs(cfg.pairs, split="train", resolution=cfg.resolution,
-                                 seed=cfg.data_seed).__getitems__(list(range(cfg.pairs)))
-        _PAIRS[key] = _FrozenTextPairs(batch["images"], base.encode_texts(batch["texts"]))
-    return _PAIRS[key]
+def pools(n_attacks: int, n_templates: int) -> list[tuple[int, int]]:
+    """The pools |A| × |T| of the paper's Table 7 for a full pool of ``n_attacks`` × ``n_templates`` (3 × 3 there):
+    1 × T, 2 × T, the full pool, A × 1 (the first attacks of the list; the standard template alone), each once."""
+    out = [(1, n_templates), (min(2, n_attacks), n_templates), (n_attacks, n_templates), (n_attacks, 1)]
+    return list(dict.fromkeys(out))
 
 
-def lit_step(bundle) -> LossFn:
-    """Symmetric InfoNCE between image embeddings and frozen caption embeddings, at the bundle's temperature."""
-    scale = float(bundle.model.logit_scale.detach().exp())
-
-    def loss_fn(visual, batch):
-        img = F.normalize(visual(bundle.normalize(batch["images"].to(bundle.device))).float(), dim=-1)
-        logits = scale * img @ batch["text"].to(bundle.device).float().T
-        labels = torch.arange(len(img), device=img.device)
-        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-    return loss_fn
+def fusion_only(cfg: HotClipConfig) -> HotClipConfig:
+    """``cfg`` without the L-level and V-level fine-tunes: the hierarchy's fusion alone."""
+    return replace(cfg, intra=replace(cfg.intra, steps=0), inter=replace(cfg.inter, steps=0))
 
 
-def independent_tower(base, seed: int, cfg: TowerConfig = TowerConfig(), *, progress: bool = False):
-    """An image tower of the base's architecture from a fresh random initialisation (``seed``), trained against
-    the base's frozen text tower; cached under ``$RCLIP_CACHE/towers``. Returns (bundle, training log)."""
-    arch = base.meta.get("model_cfg")
-    if not arch:
-        raise RClipError("the base bundle carries no model config; load it with rclip.models.load")
+def training_data(params: dict, setup):
+    """HOT-CLIP's training set, the same images the baselines of :func:`rclip.chapter.robust_baselines` are
+    fine-tuned on: at world scale ``finetune_n`` train images of ``finetune_task``; at paper scale the folder
+    ``inputs.datasets.imagenet_train`` (``finetune_n`` evenly spaced images, None = all).
 
-    def init():
-        import open_clip
+    Returns ``(dataset, its task (class names and templates), its cache key)``."""
+    from rclip import data, world
 
-        torch.manual_seed(seed)
-        return open_clip.model.CLIP(**arch).visual.state_dict()
-
-    key = {"base": base.meta.get("sha256") or base.meta.get("name"), "seed": seed, "cfg": asdict(cfg)}
-    tower, log = _lit_trained(base, init, cfg, replace(cfg.train, seed=seed), key, f"tower {seed}", progress)
-    tower.meta["tower_seed"] = seed
-    return tower, log
-
-
-def tune_tower(base, state: dict, key: dict, cfg: TowerConfig, train: TrainConfig, *, progress: bool = False):
-    """Continue LiT training of image tower ``state`` (e.g. a fused one) for ``train.steps`` steps on the pairs of
-    ``cfg``; cached by ``key`` (what made ``state``) and the schedule. Returns (bundle, training log)."""
-    return _lit_trained(base, lambda: state, cfg, train, {"tuned": key, "cfg": asdict(cfg), "train": asdict(train)},
-                        "tuning", progress)
+    p = params
+    if setup.scale == "paper":
+        dataset, task = data.inputs.paper_finetune_set(p["inputs"], setup.bundle.preprocess, n=p["finetune_n"])
+        return dataset, task, {"root": str(p["inputs"]["datasets"]["imagenet_train"]), "n": p["finetune_n"]}
+    dataset = world.WorldLabelled(p["finetune_task"], p["finetune_n"], split="train", resolution=p["resolution"],
+                                  seed=p["seed"])
+    task = world.zeroshot_task(p["finetune_task"], n=1, resolution=p["resolution"], seed=p["seed"])
+    return dataset, task, {"task": p["finetune_task"], "n": p["finetune_n"], "seed": p["seed"],
+                           "resolution": p["resolution"]}
 
 
-def _lit_trained(base, init, cfg: TowerConfig, train: TrainConfig, key: dict, desc: str, progress: bool):
-    """A copy of ``base`` whose image tower starts from ``init()`` and is trained by :func:`lit_step`; cached."""
-    def run(run_dir):
-        tower = base.with_visual(init())
-        freeze_all_but_image_encoder(tower.model)
-        return tower, fit(tower, _lit_pairs(base, cfg), train, run_dir, lit_step(tower), module=tower.model.visual,
-                          progress=progress, desc=desc)
-
-    tower, log, _ = train_cached("towers", key, run, base=base, part="visual")
-    return tower, log
+def measured(scores, model: str, tasks: Sequence[str], conditions: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """What ``scores`` (a :class:`rclip.robustness.Scores`) holds of ``model`` on ``tasks`` under ``conditions``,
+    as ``{task: {condition: (N,) 0/1}}`` — to put an encoder already evaluated into another table unchanged
+    (:func:`autoattack_scores`), rather than attack it a second time."""
+    return {t: {c: scores.data[(model, t, c)] / 100.0 for c in conditions if (model, t, c) in scores.data}
+            for t in tasks}
 
 
-@torch.no_grad()
-def zeroshot_loss_accuracy(bundle, tasks: dict) -> dict[str, float]:
-    """Mean over ``tasks`` of the zero-shot cross-entropy (nats) and top-1 (%) of ``bundle`` (template prompts)."""
-    losses, accs = [], []
-    for task in tasks.values():
-        x, y = task.tensors()
-        clf = zeroshot_classifier(bundle, task)
-        logits = torch.cat([clf(x[i:i + 256].to(bundle.device)).float().cpu() for i in range(0, len(x), 256)])
-        losses.append(F.cross_entropy(logits, y).item())
-        accs.append(100.0 * (logits.argmax(-1) == y).float().mean().item())
-    return {"loss": float(np.mean(losses)), "top1": float(np.mean(accs))}
+def autoattack_scores(models: dict, tasks: dict, budgets: dict, *, steps: int, seed: int = 0):
+    """A :class:`rclip.robustness.Scores` of every encoder (name -> CLIP bundle, evaluated clean and under
+    :func:`rclip.robustness.autoattack_correct` at ``budgets``; or name -> ``{task: {condition: correct}}``,
+    already measured, see :func:`measured`) on ``tasks``."""
+    from rclip.robustness import Scores, autoattack_correct
+
+    scores = Scores({t: task.num_classes for t, task in tasks.items()})
+    for name, model in models.items():
+        per_task = model if isinstance(model, dict) else autoattack_correct(model, tasks, budgets, steps=steps,
+                                                                            seed=seed)
+        scores.add_all(name, per_task)
+    return scores
 
 
-def interpolate(a: dict, b: dict, lam: float) -> dict:
-    """(1 - λ) a + λ b, parameter by parameter."""
-    return {k: (1 - lam) * a[k].float() + lam * b[k].float() for k in a}
+def gap(means, a: str, b: str, column: str) -> float | None:
+    """``means.loc[a, column] - means.loc[b, column]`` of a :meth:`rclip.robustness.Scores.means` table; None when
+    either is missing (a model not evaluated, or at chance everywhere)."""
+    if a not in means.index or b not in means.index or column not in means.columns:
+        return None
+    value = float(means.loc[a, column] - means.loc[b, column])
+    return None if np.isnan(value) else value
 
 
-def interpolation_curve(base, a: dict, b: dict, tasks: dict, lambdas: Sequence[float]) -> list[dict]:
-    """Zero-shot loss and top-1 of the image towers on the straight line from ``a`` (λ = 0) to ``b`` (λ = 1), each
-    used with the base's text tower. Returns [{"lambda", "loss", "top1"}, ...]."""
-    probe = base.copy()
-    out = []
-    for lam in lambdas:
-        probe.model.visual.load_state_dict(interpolate(a, b, float(lam)))
-        out.append({"lambda": float(lam), **zeroshot_loss_accuracy(probe, tasks)})
-    return out
+def n_to_resolve(scores, a: str, b: str, condition: str, effect: float) -> int | None:
+    """How many test images would resolve a difference of ``effect`` points between models ``a`` and ``b`` under
+    ``condition`` (:func:`rclip.claims.n_needed`: 80 % power at a two-sided 5 % level), with the per-image spread
+    of the paired differences measured here, on the tasks where both are above chance. None when nothing was
+    measured or the differences do not vary."""
+    from rclip.claims import n_needed
+
+    tasks = scores.tasks_above_chance(a, b)
+    if not tasks or any((m, t, condition) not in scores.data for m in (a, b) for t in tasks):
+        return None
+    d = scores.items(a, condition, tasks) - scores.items(b, condition, tasks)
+    if len(d) < 2 or np.ptp(d) == 0:
+        return None
+    return n_needed(effect, float(d.std(ddof=1) / np.sqrt(len(d))), len(d))
 
 
-def barrier(curve: list[dict], key: str = "loss") -> float:
-    """Loss barrier max_λ L(λ) - ((1 - λ) L(0) + λ L(1)) of an interpolation curve (for top-1 pass key="top1":
-    the largest drop below the straight line between the end points, as a positive number)."""
-    lo, hi = curve[0][key], curve[-1][key]
-    gaps = [p[key] - ((1 - p["lambda"]) * lo + p["lambda"] * hi) for p in curve]
-    return float(max(gaps) if key == "loss" else -min(gaps))
+def memory_table(memory: dict[str, dict], n_attacks: int, n_templates: int):
+    """The measured peaks of :func:`memory_profile` beside the paper's counts: |A|·|T| submodels + the result for
+    direct fusion (averaged or OT), max(|A|, |T|) + the result for the hierarchy."""
+    import pandas as pd
+
+    formula = {"average": n_attacks * n_templates + 1, "direct": n_attacks * n_templates + 1,
+               "hierarchical": max(n_attacks, n_templates) + 1}
+    return pd.DataFrame({k: {"peak towers in memory (measured)": v["peak_towers"], "peak MB (measured)": v["peak_mb"],
+                             "the paper's count (|A|·|T| + 1 or max(|A|, |T|) + 1)": formula[k]}
+                         for k, v in memory.items()}).T
