@@ -429,6 +429,11 @@ def run_book(profile: str, *, publish: bool = False, only: list[str] | None = No
     else:
         site = Path(out) if out else root / "_build" / profile
         executed = site / "executed"
+        try:
+            (executed / "results").mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise RClipError(f"cannot write the run into {site}: {exc.filename} is a file, not a directory; give "
+                             f"--out a directory path") from None
     os.environ.setdefault("RCLIP_ROOT", str(root))
     skip = prof.get("skip") or {}
     for name in names:

@@ -159,3 +159,29 @@ def test_recall_refuses_owners_outside_the_gallery():
     sim = torch.eye(2, 3)
     with pytest.raises(RClipError, match=r"owner must lie in \[0, 1\]"):
         recall_at_k(sim, torch.tensor([0, 1, 2]))       # caption 2 "belongs" to an image that does not exist
+
+
+def test_fusion_refuses_a_head_count_the_models_contradict(tiny):
+    from rclip.methods.fusion import fuse_visual
+
+    heads = tiny.model.visual.transformer.resblocks[0].attn.num_heads
+    fuse_visual([tiny, tiny.copy()], heads=heads)                 # the true count is accepted
+    with pytest.raises(RClipError, match=f"contradicts the models, which have {heads}"):
+        fuse_visual([tiny, tiny.copy()], heads=heads * 2)
+
+
+def test_out_under_a_regular_file_is_a_clear_error(tmp_path):
+    from rclip import book
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RClipError, match="is a file, not a directory"):
+        book.run_book("smoke", only=["00_world"], out=tmp_path / "afile" / "site", build=False)
+
+
+def test_empty_batches_are_a_clear_error(tiny):
+    task = world.zeroshot_task("colour", n=2, resolution=32)
+    clf = zeroshot.zeroshot_classifier(tiny, task)
+    with pytest.raises(RClipError, match="empty"):
+        pgd(clf, torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), 1 / 255)
+    with pytest.raises(RClipError, match="zero images"):
+        zeroshot.accuracy(clf, torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))

@@ -51,6 +51,8 @@ def check_eps(eps: float) -> float:
 def _check(images: torch.Tensor, eps: float, labels: torch.Tensor | None = None,
            num_classes: int | None = None) -> None:
     check_eps(eps)
+    if len(images) == 0:
+        raise RClipError("no images to attack: the batch is empty")
     if labels is not None and len(labels) != len(images):
         raise RClipError(f"{len(images)} images but {len(labels)} labels")
     if labels is not None and num_classes is not None and len(labels) and \

@@ -622,6 +622,9 @@ def fuse_visual(models: Sequence, weights: Sequence[float] | torch.Tensor | None
         if not found:
             raise RClipError("give heads= (attention heads per block): state dicts do not say how many there are")
         heads = found.pop()
+    elif found and heads not in found:
+        raise RClipError(f"heads={heads} contradicts the models, which have {found.pop()} attention heads per block: "
+                         f"leave heads out (it is read from the models) or give the true count")
     k = len(states)
     if not 0 <= anchor < k:
         raise RClipError(f"anchor {anchor} is not an index of the {k} models")
