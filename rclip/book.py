@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rclip.cache import atomic_path, write_json
+from rclip.cache import atomic_path, used_artefacts, write_json
 from rclip.errors import RClipError
 from rclip.profiles import (RUNNER_KEYS, declared_parameters, load_profile, notebook_names, parse_overrides,
                             project_root, resolve, validate_profile)
@@ -121,6 +121,7 @@ class Run:
             "revision": code_revision(),
             "wall_s": round(time.time() - self.t0, 1),
             "timings": _jsonable(self.timings),
+            "artefacts": used_artefacts(),
             "results": _jsonable(results),
         }
         if self.results_path is not None:

@@ -88,6 +88,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+_USED: dict[str, str] = {}
+
+
+def note_used(kind: str, path: Path, sha256: str) -> None:
+    """Record that this process read (or wrote) the cached artefact ``path`` with checksum ``sha256``."""
+    _USED[f"{kind}/{Path(path).name}"] = sha256
+
+
+def used_artefacts() -> dict[str, str]:
+    """``{kind/file: sha256}`` of every cached artefact this process used (recorded with a notebook's results)."""
+    return dict(sorted(_USED.items()))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

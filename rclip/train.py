@@ -479,6 +479,9 @@ def train_cached(kind: str, key: dict, train: Callable[[Path], tuple], *, base: 
         checksums = {"model": sha256(path), **({"extra": sha256(extra_path)} if extra is not None else {})}
         write_json(log_path, {**log, "artefact_sha256": checksums})   # last: its presence marks the artefact whole
         shutil.rmtree(run_dir, ignore_errors=True)
+    from rclip.cache import note_used
+
+    note_used(kind, path, json.loads(log_path.read_text(encoding="utf-8"))["artefact_sha256"]["model"])
     dev = device if device is not None else (base.device if base is not None else "cpu")
     if part == "model":
         bundle = models.load(None, checkpoint=path, device=dev)
