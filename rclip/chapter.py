@@ -123,45 +123,69 @@ def classification(run, *, n: int | None = None) -> Setup:
 
 
 def finetune_config(params: dict, method: str):
-    """The TeCoA / PMG-AFT / FARE configuration the chapters share, from the ``finetune_*`` parameters (set once,
-    in each profile's ``shared`` section)."""
+    """The TeCoA / PMG-AFT / FARE configuration the chapters share, from the ``finetune`` parameter (``{task, n,
+    steps, batch, attack_steps, eps, lr}``, set once, in each profile's ``shared`` section)."""
     from rclip.methods.robust_finetune import AdvFinetuneConfig
     from rclip.train import TrainConfig
 
-    steps, lr = int(params["finetune_steps"]), float(params["finetune_lr"])
-    return AdvFinetuneConfig(method, eps=params["finetune_eps"] / 255, attack_steps=params["finetune_attack_steps"],
-                             train=TrainConfig(steps=steps, batch_size=params["finetune_batch"], lr=lr, min_lr=lr / 10,
+    f = finetune_settings(params)
+    steps, lr = int(f["steps"]), float(f["lr"])
+    return AdvFinetuneConfig(method, eps=f["eps"] / 255, attack_steps=f["attack_steps"],
+                             train=TrainConfig(steps=steps, batch_size=f["batch"], lr=lr, min_lr=lr / 10,
                                                warmup_steps=max(1, steps // 10), weight_decay=1e-4,
                                                ckpt_every=max(1, steps // 4), seed=params["seed"]))
 
 
+FINETUNE_KEYS = ("task", "n", "steps", "batch", "attack_steps", "eps", "lr")
+
+
+def finetune_settings(params: dict) -> dict:
+    """The ``finetune`` parameter, checked: every key of :data:`FINETUNE_KEYS` and nothing else."""
+    f = params.get("finetune")
+    if not isinstance(f, dict) or set(f) != set(FINETUNE_KEYS):
+        got = sorted(f) if isinstance(f, dict) else f
+        raise RClipError(f"the finetune parameter must give exactly {list(FINETUNE_KEYS)}; got {got}")
+    return f
+
+
+def finetune_data(params: dict, setup: Setup):
+    """The images every adversarial fine-tune of chapters 1 and 2 trains on (the baselines and HOT-CLIP's
+    submodels): at world scale ``finetune['n']`` train images of the world task ``finetune['task']``; at paper scale
+    the folder ``inputs.datasets.imagenet_train`` (``finetune['n']`` evenly spaced images, None = all).
+
+    Returns ``(dataset, its task (class names and templates), its cache key)``."""
+    from rclip import data, world
+
+    p, f = params, finetune_settings(params)
+    if setup.scale == "paper":
+        dataset, task = data.inputs.paper_finetune_set(p["inputs"], setup.bundle.preprocess, n=f["n"])
+        return dataset, task, {"root": str(p["inputs"]["datasets"]["imagenet_train"]), "n": f["n"]}
+    dataset = world.WorldLabelled(f["task"], f["n"], split="train", resolution=p["resolution"], seed=p["seed"])
+    task = world.zeroshot_task(f["task"], n=1, resolution=p["resolution"], seed=p["seed"])
+    return dataset, task, {"task": f["task"], "n": f["n"], "seed": p["seed"], "resolution": p["resolution"]}
+
+
 def robust_baselines(run, setup: Setup, methods=("tecoa", "pmg", "fare")) -> tuple[dict, dict]:
     """The adversarially fine-tuned encoders of ``methods``: at world scale fine-tuned from the world CLIP on the
-    train split of ``finetune_task`` with the shared schedule (cached; the same models in every chapter); at paper
+    train split of ``finetune['task']`` with the shared schedule (cached; the same models in every chapter); at paper
     scale the checkpoints of ``inputs.robust_checkpoints`` (a method without one is fine-tuned on
     ``inputs.datasets.imagenet_train`` when that is given, else left out).
 
     Returns ``({method: bundle}, {method: training summary})``."""
-    from rclip import data, world, zeroshot
+    from rclip import data, zeroshot
     from rclip.book import train_summary
     from rclip.methods.robust_finetune import finetuned_clip
 
     p = run.params
     out, logs = {}, {}
+    todo = list(methods)
     if setup.scale == "paper":
         released = data.robust_models(p["inputs"], device=run.device)
         out = {m: released[m] for m in methods if m in released}
         todo = [m for m in methods if m not in out]
         if not todo or not (p["inputs"].get("datasets") or {}).get("imagenet_train"):
             return out, logs
-        train_set, task = data.inputs.paper_finetune_set(p["inputs"], setup.bundle.preprocess, n=p["finetune_n"])
-        data_key = {"root": str(p["inputs"]["datasets"]["imagenet_train"]), "n": p["finetune_n"]}
-    else:
-        todo = list(methods)
-        train_set = world.WorldLabelled(p["finetune_task"], p["finetune_n"], split="train",
-                                        resolution=p["resolution"], seed=p["seed"])
-        task = world.zeroshot_task(p["finetune_task"], n=1, resolution=p["resolution"], seed=p["seed"])
-        data_key = {"task": p["finetune_task"], "n": p["finetune_n"], "seed": p["seed"], "resolution": p["resolution"]}
+    train_set, task, data_key = finetune_data(p, setup)
     weights = zeroshot.class_embeddings(setup.bundle, zeroshot.class_prompts(task))
     for m in todo:
         out[m], log = finetuned_clip(setup.bundle, finetune_config(p, m), train_set, data_key, class_weights=weights,

@@ -8,7 +8,7 @@ A profile holds every number that differs between scales and budgets::
     seed: 0                 #                         (every notebook that declares `seed`)
     inputs: {...}           # paper scale only       (every notebook that declares `inputs`)
     shared:                 # settings several chapters share, written once (e.g. the TeCoA / FARE schedule):
-      finetune_lr: 1e-4     #   given to every notebook whose parameters cell declares the key
+      finetune: {...}       #   given to every notebook whose parameters cell declares the key
     world_clip: {...}       # settings of `rclip world-clip train` (gpu and smoke only)
     skip: {00_world: why}   # notebooks a profile does not run
     notebooks:

@@ -45,3 +45,13 @@ def image_grid(images: torch.Tensor, titles: Sequence[str] | None = None, ncols:
 def percent_axis(ax, label: str = "top-1 (%)") -> None:
     ax.set_ylim(-2, 102)
     ax.set_ylabel(label)
+
+
+def bar_means(means, title: str, *, rot: int = 30, figsize=(9, 3.2)) -> None:
+    """Bar chart of a table of mean accuracies (rows: models, columns: conditions; non-numeric columns such as
+    "left out (at chance)" are skipped), one group of bars per condition, on a percent axis."""
+    fig, ax = plt.subplots(figsize=figsize)
+    means.select_dtypes("number").T.plot.bar(ax=ax, rot=rot)
+    ax.set(title=title, xlabel="")
+    percent_axis(ax)
+    plt.show()

@@ -144,7 +144,7 @@ def test_independent_towers_and_interpolation(tiny):
 
 def test_chapter_helpers(tiny):
     params = {"attacks": ["pgd", "mim"], "n_templates": 2, "train_eps": 2, "hot_attack_steps": 3, "submodel_steps": 8,
-              "intra_steps": 4, "inter_steps": 0, "hot_batch": 16, "hot_lr": None, "finetune_lr": 1e-4,
+              "intra_steps": 4, "inter_steps": 0, "hot_batch": 16, "hot_lr": None, "finetune": {"lr": 1e-4},
               "fusion_alignment": "soft", "fusion_reg": 0.08, "seed": 3}
     cfg = hc.config(params)
     assert cfg.attacks == ("pgd", "mim") and cfg.eps == 2 / 255 and cfg.fusion == FusionConfig("soft", reg=0.08)
@@ -244,8 +244,8 @@ def test_chapter2_runs_at_paper_scale_on_stand_ins(tmp_path, tiny, make_cifar10)
               "descriptions": {}, "robust_checkpoints": {}}
     params = notebook_parameters("smoke", "02_hot_clip")
     results = tmp_path / "02_hot_clip.json"
-    params.update(scale="paper", inputs=inputs, tasks=None, ablation_tasks=None, n_eval=6, finetune_n=None,
-                  results_path=str(results))
+    params.update(scale="paper", inputs=inputs, tasks=None, ablation_tasks=None, n_eval=6,
+                  finetune={**params["finetune"], "n": None}, results_path=str(results))
     os.environ.setdefault("RCLIP_ROOT", str(root))
     pm.execute_notebook(str(root / "notebooks" / "02_hot_clip.ipynb"), str(tmp_path / "out.ipynb"),
                         parameters=params, kernel_name="python3", cwd=str(root / "notebooks"), progress_bar=False)

@@ -15,8 +15,6 @@ from rclip.errors import RClipError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ["smoke", "cpu", "world", "gpu", "paper"]
-SHARED = ("finetune_task", "finetune_n", "finetune_steps", "finetune_batch", "finetune_attack_steps", "finetune_eps",
-          "finetune_lr")
 
 
 @pytest.mark.parametrize("name", PROFILES)
@@ -28,9 +26,11 @@ def test_every_profile_validates(name):
 @pytest.mark.parametrize("name", PROFILES)
 def test_shared_finetune_schedule_is_one_setting(name):
     """Chapters 1 and 2 fine-tune TeCoA / FARE with the same schedule, so they share one cache."""
+    from rclip.chapter import finetune_settings
+
     a = profiles.resolve("01_cola", name)[0]
     b = profiles.resolve("02_hot_clip", name)[0]
-    assert {k: a[k] for k in SHARED} == {k: b[k] for k in SHARED}
+    assert finetune_settings(a) == finetune_settings(b)
 
 
 def _copy_tree(tmp_path):
@@ -59,7 +59,7 @@ def test_misplaced_keys_fail(tmp_path, monkeypatch):
     base = path.read_text()
     for bad, expect in ((base.replace("  01_cola:\n", "  01_colla:\n", 1), "names no notebook; did you mean '01_cola'"),
                         (base.replace("shared:", "sharde:", 1), "unknown top-level key 'sharde'"),
-                        (base.replace("  finetune_lr:", "  finetune_rate:", 1), "shared.finetune_rate is declared by no"),
+                        (base.replace("  finetune:", "  fine_tune:", 1), "shared.fine_tune is declared by no"),
                         (base + "  00_world:\n    results_path: x\n", "not a parameter"),
                         ("notebooks: [1, 2\n", "not valid YAML")):
         path.write_text(bad)
@@ -116,7 +116,7 @@ def test_papermill_as_a_user_calls_it(tmp_path):
     proc = _papermill(["notebooks/00_world.ipynb", str(tmp_path / "out.ipynb"), "-p", "profile", "smoke",
                        "-p", "results_path", str(results), "-p", "n_attack", "8"], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert time.time() - t0 < 120
+    assert time.time() - t0 < 240         # smoke time (about 20 s on an idle machine); cpu sizes take many minutes
     blob = json.loads(results.read_text())
     assert blob["profile"] == "smoke" and blob["parameters"]["model"] == "rclip-tiny"
     assert blob["parameters"]["resolution"] == 32 and blob["parameters"]["n_test"] == 40

@@ -21,7 +21,7 @@ when a step needs them and released after it; :class:`Residency` counts the towe
 measures the peak number of models in memory (the paper's O(max(|A|, |T|) · U) against O(|A||T| · U)).
 
 The chapter's helpers close the module: the configuration and training data from a notebook's parameters
-(:func:`config`, :func:`training_data`), AutoAttack scores of several encoders with measured ones reused
+(:func:`config`; the training images are :func:`rclip.chapter.finetune_data`), AutoAttack scores of several encoders with measured ones reused
 (:func:`autoattack_scores`, :func:`measured`), the items a stated gain would need (:func:`n_to_resolve`) and the
 memory table (:func:`memory_table`). The book's independent-towers experiment is :mod:`rclip.methods.towers`.
 """
@@ -436,9 +436,9 @@ def schedule(steps: int, batch_size: int, lr: float, seed: int = 0) -> TrainConf
 def config(params: dict) -> HotClipConfig:
     """The :class:`HotClipConfig` of a notebook's parameters: ``attacks``, ``n_templates``, ``train_eps`` (x 1/255),
     ``hot_attack_steps``, ``submodel_steps`` / ``intra_steps`` / ``inter_steps``, ``hot_batch``, ``hot_lr`` (None:
-    ``finetune_lr``, the baselines' rate), ``fusion_alignment``, ``fusion_reg``, ``seed``."""
+    ``finetune['lr']``, the baselines' rate), ``fusion_alignment``, ``fusion_reg``, ``seed``."""
     p = params
-    lr = float(p["hot_lr"] if p.get("hot_lr") is not None else p["finetune_lr"])
+    lr = float(p["hot_lr"] if p.get("hot_lr") is not None else p["finetune"]["lr"])
     stage = {k: schedule(int(p[f"{k}_steps"]), int(p["hot_batch"]), lr, int(p["seed"]))
              for k in ("submodel", "intra", "inter")}
     return HotClipConfig(attacks=tuple(p["attacks"]), n_templates=int(p["n_templates"]), eps=p["train_eps"] / 255,
@@ -457,25 +457,6 @@ def pools(n_attacks: int, n_templates: int) -> list[tuple[int, int]]:
 def fusion_only(cfg: HotClipConfig) -> HotClipConfig:
     """``cfg`` without the L-level and V-level fine-tunes: the hierarchy's fusion alone."""
     return replace(cfg, intra=replace(cfg.intra, steps=0), inter=replace(cfg.inter, steps=0))
-
-
-def training_data(params: dict, setup):
-    """HOT-CLIP's training set, the same images the baselines of :func:`rclip.chapter.robust_baselines` are
-    fine-tuned on: at world scale ``finetune_n`` train images of ``finetune_task``; at paper scale the folder
-    ``inputs.datasets.imagenet_train`` (``finetune_n`` evenly spaced images, None = all).
-
-    Returns ``(dataset, its task (class names and templates), its cache key)``."""
-    from rclip import data, world
-
-    p = params
-    if setup.scale == "paper":
-        dataset, task = data.inputs.paper_finetune_set(p["inputs"], setup.bundle.preprocess, n=p["finetune_n"])
-        return dataset, task, {"root": str(p["inputs"]["datasets"]["imagenet_train"]), "n": p["finetune_n"]}
-    dataset = world.WorldLabelled(p["finetune_task"], p["finetune_n"], split="train", resolution=p["resolution"],
-                                  seed=p["seed"])
-    task = world.zeroshot_task(p["finetune_task"], n=1, resolution=p["resolution"], seed=p["seed"])
-    return dataset, task, {"task": p["finetune_task"], "n": p["finetune_n"], "seed": p["seed"],
-                           "resolution": p["resolution"]}
 
 
 def measured(scores, model: str, tasks: Sequence[str], conditions: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
