@@ -50,6 +50,11 @@ def reference_budgets(sweeps: dict[str, dict[float, float]], threshold: float = 
     return {task: collapse_radius(s, threshold) for task, s in sweeps.items()}
 
 
+def last_to_fall(radii: dict[str, float | None]) -> str:
+    """The task that collapses last: the largest reference budget, a task that never falls in the grid first."""
+    return max(radii, key=lambda task: float("inf") if radii[task] is None else radii[task])
+
+
 def correct_table(defenses: dict[str, nn.Module], inputs: dict[str, tuple[torch.Tensor, torch.Tensor]]
                   ) -> dict[str, dict[str, torch.Tensor]]:
     """Per-image correctness (bool, CPU) of every defense (name -> [0, 1] pixels -> logits) on every input set

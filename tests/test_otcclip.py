@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rclip import models, world
+from rclip.methods import otcclip as otc
 from rclip.attacks.poison import TargetedPoisonConfig, targeted_poison
 from rclip.errors import RClipError
 from rclip.methods.otcclip import (AlignmentConfig, OTConfig, RematchConfig, TokenFeatures, alignment_losses,
@@ -312,3 +313,61 @@ def test_otcclip_trainer_rematches_on_schedule(tiny, monkeypatch):
         assert torch.allclose(img.tokens, image_tokens(tiny, x).tokens) and torch.equal(txt.mask, text_tokens(tiny, ids).mask)
     with pytest.raises(RClipError, match="exceed"):
         otc.OTCCLIPTrainer(tiny, corpus, schedule, otc.OTCCLIPConfig(matching=RematchConfig(k=40)))
+    import warnings                                    # the objectives' Sinkhorn budget is truncated by design: silent
+
+    short = otc.OTCCLIPConfig(align=otc.AlignmentConfig(ot=otc.OTConfig(max_iter=1, tol=1e-9)))
+    trainer = otc.OTCCLIPTrainer(tiny, corpus, schedule, short)
+    trainer.before_step(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = trainer.loss(trainer.module, corpus.__getitems__(list(range(8))))
+    assert torch.isfinite(loss) and not [w for w in caught if "sinkhorn did not converge" in str(w.message)]
+
+
+def test_rematch_items_are_the_report_item_by_item():
+    describes = lambda i, j: i == j or (i, j) == (2, 1)                  # noqa: E731
+    keeps = lambda i, j: j == 3                                           # noqa: E731
+    poisoned = torch.tensor([False, False, True, True])
+    assigned, pools = torch.tensor([0, 2, 3, 1]), torch.tensor([[0, 1], [0, 3], [3, 1], [0, 2]])
+    items = otc.rematch_items(assigned, describes, poisoned=poisoned, keeps_poison=keeps, candidates=pools)
+    assert items["precision"].tolist() == [100, 0, 0, 0] and items["pool hit"].tolist() == [100, 0, 100, 0]
+    assert items["poisoned index"].tolist() == [2, 3] and items["broken"].tolist() == [0, 100]
+    report = rematch_report(assigned, describes, poisoned=poisoned, keeps_poison=keeps, candidates=pools)
+    assert items["precision"].mean() == pytest.approx(100 * report["precision"])
+    assert items["broken"].mean() == pytest.approx(100 * report["poisoned_broken"])
+    assert items["pool hit"].mean() == pytest.approx(100 * report["pool_hit"])
+    bare = otc.rematch_items(assigned, None, poisoned=poisoned, keeps_poison=keeps, candidates=pools)
+    assert bare["precision"] is None and bare["pool hit"] is None and bare["broken"].tolist() == [0, 100]
+    with pytest.raises(RClipError, match="keeps_poison"):
+        otc.rematch_items(assigned, None, poisoned=poisoned)
+
+
+def test_mixed_choice_interpolates_between_ot_and_global_on_the_same_pools():
+    cand = torch.tensor([[4, 7, 1], [2, 0, 5]])
+    sims = torch.tensor([[0.9, 0.8, 0.1], [0.7, 0.6, 0.5]])
+    dist = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.4, 0.05]])
+    r = otc.Rematch(cand.gather(1, dist.argmin(1, keepdim=True))[:, 0], cand, sims, dist, "ot")
+    assert otc.mixed_choice(r, 0.0).tolist() == r.assigned.tolist() == [7, 5]
+    assert otc.mixed_choice(r, 1.0).tolist() == [4, 2]                   # the most similar candidate: global
+    mixed = 0.5 * dist + 0.5 * (1 - sims)                                 # [[.3, .2, .6], [.2, .4, .275]]
+    assert otc.mixed_choice(r, 0.5).tolist() == [7, 2] == cand.gather(1, mixed.argmin(1, keepdim=True))[:, 0].tolist()
+    with pytest.raises(RClipError, match="no OT distances"):
+        otc.mixed_choice(otc.Rematch(cand[:, 0], cand, sims, None, "global"), 0.5)
+    with pytest.raises(RClipError, match="global weight"):
+        otc.mixed_choice(r, 1.5)
+
+
+def test_transport_plan_is_the_sinkhorn_plan_of_words_against_patches(tiny):
+    image = torch.rand(3, tiny.image_size, tiny.image_size, generator=torch.Generator().manual_seed(0))
+    was = tiny.model.training
+    tiny.model.train()
+    out = otc.transport_plan(tiny, image, "a large red circle")
+    assert tiny.model.training                                            # the train/eval mode is restored
+    tiny.model.train(was)
+    grid = tuple(tiny.model.visual.grid_size)
+    assert out["words"] == ["a", "large", "red", "circle"] and out["plan"].shape == (4, grid[0] * grid[1])
+    assert out["patch_mass"].shape == (4, *grid) and torch.allclose(out["plan"].sum(1), torch.ones(4), atol=1e-5)
+    img, txt = image_tokens(tiny, image[None]), text_tokens(tiny, ["a large red circle"])
+    cost = (1 - txt.tokens[0][txt.mask[0]] @ img.tokens[0].T).detach().double().numpy()
+    ref = pot.sinkhorn(np.full(4, 1 / 4), np.full(cost.shape[1], 1 / cost.shape[1]), cost, 0.1, numItermax=200)
+    assert np.allclose(out["plan"].numpy(), ref / ref.sum(1, keepdims=True), atol=1e-3)

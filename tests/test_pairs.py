@@ -180,8 +180,16 @@ def test_chapter4_runs_at_paper_scale_on_stand_ins(paper_inputs, tmp_path):
                         kernel_name="python3", cwd=str(root / "notebooks"), progress_bar=False)
     res = json.loads(results.read_text())["results"]
     assert res["scale"] == "paper" and res["tasks"] == ["cifar10"] and res["corpus"]["pairs"] == 40 + 6
-    assert set(res["table"]) == {"CLIP", "RoCLIP", "SafeCLIP", "OTCCLIP", "OT matching only", "OT losses only"}
-    assert {"ASR (%)/patch 5px", "ASR (%)/targeted", "zero-shot (%)/cifar10", "linear probe (%)/cifar10"} <= \
-        set(res["table"]["OTCCLIP"])
-    assert res["claims"]["OT re-matching is more precise than global re-matching (last re-matching, same pools)"] \
-        is None                                                    # no ground truth at paper scale
+    assert set(res["summary"]) == {"CLIP", "RoCLIP", "SafeCLIP", "OTCCLIP"}
+    assert set(res["ablation"]) == {"CLIP", "OT matching only", "OT losses only", "OTCCLIP"}
+    assert {"OTCCLIP | patch 5px", "OTCCLIP | targeted", "CLIP | targeted"} <= set(res["asr"])
+    assert res["threats"]["OTCCLIP"]["patch 5px"]["task"] == "cifar10"
+    assert "OTCCLIP | cifar10" in res["zeroshot"] and "OTCCLIP | cifar10" in res["probe"]
+    from rclip import claims
+
+    for record in res["claims"]:
+        claims.check(record)
+    precise = [c for c in res["claims"] if c["claim"].startswith("OT re-matching gives more images a true caption")]
+    assert len(precise) == 2 and all(c["verdict"] == "untestable" for c in precise)   # no ground truth at paper scale
+    assert all(any(p["name"].startswith("images with exact ground truth") and not p["holds"]
+                   for p in c["preconditions"]) for c in precise)

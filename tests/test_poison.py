@@ -5,7 +5,7 @@ import torch
 from rclip import world
 from rclip.attacks.poison import (BackdoorConfig, GroundTruth, TargetedPoisonConfig, Trigger, attack_success_rate,
                                   backdoor_poison, backdoor_test_images, class_captions, spec_label, targeted_poison,
-                                  threat_report)
+                                  threat_items, threat_report)
 from rclip.errors import RClipError
 
 
@@ -202,3 +202,11 @@ def test_threat_report_equals_the_zero_shot_predictions(tiny, base):
     pred = zeroshot.predict(clf, images)
     assert report["targeted"]["asr"] == pytest.approx(100 * (pred == adv).float().mean().item())
     assert report["targeted"]["base_rate"] == pytest.approx(100 * (pred == labels).float().mean().item())
+    items = threat_items(tiny, ds, n_test=24)                 # the per-item outcomes the rates are the means of
+    assert torch.equal(items["targeted"]["hit"], pred == adv) and torch.equal(items["targeted"]["base"], pred == labels)
+    assert torch.equal(items["patch 5px"]["hit"], zeroshot.predict(clf, xt) == 2)
+    assert torch.equal(items["patch 5px"]["base"], zeroshot.predict(clf, x[y != 2]) == 2)   # same images, no trigger
+    assert torch.equal(items["patch 5px"]["labels"], y[y != 2]) and items["patch 5px"]["target"] == 2
+    for name, entry in items.items():
+        assert report[name]["asr"] == pytest.approx(100 * entry["hit"].float().mean().item())
+        assert report[name]["base_rate"] == pytest.approx(100 * entry["base"].float().mean().item())

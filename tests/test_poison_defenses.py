@@ -229,3 +229,95 @@ def test_defended_clip_is_cached_by_its_settings(corpus, monkeypatch):
         make_trainer("roclip", first, corpus, schedule, RoCLIPConfig(bank_size=1000))
     with pytest.raises(RClipError, match="no filtered epoch"):
         make_trainer("safeclip", first, corpus, schedule)
+
+
+# -- the chapter's experiment (notebook 04_otcclip) -----------------------------------------------------------------
+
+def _evaluation(clean: dict, asr: dict, n: int = 200):
+    """A synthetic :class:`pdef.Evaluation` on the 8-class task ``colour``: ``clean`` model -> top-1 (%), ``asr``
+    model -> ASR (%) of one backdoor on n triggered images and of a targeted attack on 8 targets."""
+    from rclip.robustness import Scores
+
+    zs, lp = Scores({"colour": 8}), Scores({"colour": 8}, clean="linear probe")
+    threats = {}
+    for m, acc in clean.items():
+        hits = torch.arange(n) < round(acc * n / 100)
+        zs.add(m, "colour", "clean", hits)
+        lp.add(m, "colour", "linear probe", hits)
+        threats[m] = {a: {"task": "colour", "target": t, "hit": torch.arange(k) < round(asr[m] * k / 100),
+                          "base": torch.zeros(k, dtype=torch.bool), "labels": torch.zeros(k, dtype=torch.long)}
+                      for a, t, k in (("patch 3px", 0, n), ("targeted", -1, 8))}
+    return pdef.Evaluation(zs, lp, threats)
+
+
+def _failed(record):
+    return [p["name"] for p in record["preconditions"] if not p["holds"]]
+
+
+def test_asr_claims_count_a_defense_only_above_chance_and_against_a_poisoned_competent_victim():
+    ev = _evaluation({"CLIP": 90, "OTCCLIP": 85, "dead": 12}, {"CLIP": 100, "OTCCLIP": 0, "dead": 0})
+    won = ev.asr_claim("OTCCLIP lowers the ASR", "OTCCLIP", "CLIP", ev.attacks)
+    assert won["verdict"] == "reproduced" and won["n"] == 208 and won["items"] == "attacked items"
+    assert won["sides"] == ["CLIP ASR", "OTCCLIP ASR"] and won["estimate"] == pytest.approx(100)
+    dead = ev.asr_claim("a model that learned nothing lowers the ASR", "dead", "CLIP", ["targeted"])
+    assert dead["verdict"] == "untestable" and _failed(dead) == ["dead's clean top-1 on colour, 95 % lower end (%)"]
+    assert dead["items"] == "target images"
+    table = ev.asr_table()
+    assert np.isnan(table.loc[("dead", "patch 3px"), "ASR (%)"]) and table.loc[("CLIP", "targeted"), "ASR (%)"] == 100
+    assert ev.rates()["dead"]["patch 3px"]["asr"] == 0.0 and not table.loc[("dead", "targeted"), "above chance"]
+    weak = _evaluation({"CLIP": 70, "OTCCLIP": 85}, {"CLIP": 100, "OTCCLIP": 0})
+    assert _failed(weak.asr_claim("c", "OTCCLIP", "CLIP", ["patch 3px"])) == ["CLIP's clean top-1 on colour (%)"]
+    unpoisoned = _evaluation({"CLIP": 90, "OTCCLIP": 85}, {"CLIP": 40, "OTCCLIP": 0})
+    assert _failed(unpoisoned.asr_claim("c", "OTCCLIP", "CLIP", ["patch 3px"])) == \
+        ["CLIP's ASR, lowest over patch 3px (%)"]
+    summary = ev.summary(["CLIP", "OTCCLIP", "dead"])
+    assert summary.loc["OTCCLIP", "zero-shot (%)"] == pytest.approx(85) and np.isnan(summary.loc["dead", "zero-shot (%)"])
+    assert summary.loc["dead", "zero-shot: left out (at chance)"] == "colour"
+
+
+def test_rematch_claims_need_ground_truth_pools_with_true_captions_and_a_recording():
+    full, low = np.full(50, 100.0), np.r_[np.full(20, 100.0), np.zeros(30)]
+    ot = {"precision": np.r_[np.full(40, 100.0), np.zeros(10)], "pool hit": full, "broken": np.full(10, 100.0)}
+    gl = {"precision": np.r_[np.full(10, 100.0), np.zeros(40)], "pool hit": full, "broken": np.zeros(10)}
+    assert pdef.rematch_claim("c", ot, gl, labels=("OT", "global"))["verdict"] == "reproduced"
+    shallow = pdef.rematch_claim("c", {**ot, "pool hit": low}, gl, labels=("OT", "global"))
+    assert shallow["verdict"] == "untestable" and _failed(shallow) == \
+        ["pool hit: images with a true caption among their candidates (%)"]
+    blind = pdef.rematch_claim("c", {**ot, "precision": None, "pool hit": None}, gl, labels=("OT", "global"))
+    assert blind["verdict"] == "untestable" and blind["n"] == 0 and "images with exact ground truth (%)" in _failed(blind)
+    broken = pdef.rematch_claim("c", {**ot, "pool hit": low}, gl, labels=("OT", "global"), metric="broken")
+    assert broken["verdict"] == "reproduced" and broken["items"] == "poisoned pairs"      # no pool needed to break
+    none = pdef.rematch_claim("c", None, None, labels=("OT", "global"))
+    assert none["verdict"] == "untestable" and _failed(none) == ["re-matchings recorded"]
+    assert pdef.item_means(ot, torch.tensor([False] * 40 + [True] * 10)) == \
+        {"precision": 80.0, "clean precision": 100.0, "poison broken": 100.0, "pool hit": 100.0}
+    items = {("OTCCLIP", 1, "ot"): ot, ("OTCCLIP", 1, "global"): gl, ("OTCCLIP", 3, "ot"): gl,
+             ("OTCCLIP", 3, "global"): ot}
+    assert pdef.last_event(items, "OTCCLIP") == (gl, ot, 3) and pdef.last_event(items, "CLIP") == (None, None, None)
+
+
+def test_chapter_regimes_keep_the_papers_settings_and_the_world_setup_carries_every_attack():
+    from rclip.profiles import notebook_parameters
+
+    p = notebook_parameters("smoke", "04_otcclip")
+    p.update(tasks=["texture"], n_pairs=96, n_test=8)
+    regimes = pdef.chapter_regimes(p)
+    assert list(regimes) == list(pdef.REGIMES) and regimes["CLIP"] == ("clip", None)
+    ro, safe, oc = regimes["RoCLIP"][1], regimes["SafeCLIP"][1], regimes["OTCCLIP"][1]
+    assert (ro.bank_size, ro.match_every) == (p["roclip_bank"], 2)
+    assert (safe.lowlr_epochs, safe.safe_p, safe.safe_cap) == (1, 0.9, 0.85)
+    assert (oc.rematch_start, oc.rematch_every, oc.hold, oc.matching.k) == (1, p["otc_every"], False, p["otc_k"])
+    assert oc.matching.ot == otc.OTConfig(max_iter=50, tol=1e-4) and oc.align.temperature == 0.1
+    assert oc.align.image_intra_weight == oc.align.text_intra_weight == p["otc_intra"]
+    assert regimes["OT matching only"][1].align.inter_weight == 0 and not regimes["OT losses only"][1].rematch
+    setup = pdef.poison_setup(p)
+    assert list(setup.tasks) == ["texture", "colour"]                   # the attacked task is always evaluated
+    assert len(setup.attacked.layers()) == len(p["patch_sizes"]) + 2 and setup.truth is not None
+    assert setup.n_poison == int(setup.attacked.poisoned.sum()) and len(setup.pairs) == len(setup.attacked)
+    assert setup.attack_text().startswith(f"on colour: targeted ({p['n_targets']} targets")
+    caption = setup.caption("ASR", n="8 images")
+    assert all(part in caption for part in ("world scale", "rclip-tiny (32 px)", "96 world pairs", "n = 8 images"))
+    images, titles = pdef.example_pairs(setup, n_clean=2)
+    assert images.shape == (len(setup.attacked.layers()) + 2, 3, 32, 32) and titles[0].startswith("[patch]")
+    with pytest.raises(RClipError, match="corpus must be"):
+        pdef.poison_setup({**p, "corpus": "web"})

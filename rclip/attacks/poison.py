@@ -21,9 +21,10 @@ A caption of the adversarial/target class is a true caption of a fresh scene of 
 Attacks stack: the ``base`` of an attack may itself be a poisoned corpus (e.g. a BadNets backdoor, then a blended
 one on other pairs, then targeted poison appended), so one pre-training run faces every threat at once. Each layer
 poisons only pairs the layers below left clean; :meth:`PoisonedPairs.layers` lists them, innermost first.
-:class:`GroundTruth` reads a corpus's truth once for scoring whole re-matchings; :func:`threat_report` measures
-every layer's ASR against a model. At paper scale, :class:`PoisonedCorpus` mounts the same attacks on any
-image–caption corpus (class captions from a zero-shot task's templates; no scene ground truth).
+:class:`GroundTruth` reads a corpus's truth once for scoring whole re-matchings; :func:`threat_items` measures
+every layer's outcome per item against a model (:func:`threat_report`: their means, the ASRs). At paper scale,
+:class:`PoisonedCorpus` mounts the same attacks on any image–caption corpus (class captions from a zero-shot task's
+templates; no scene ground truth).
 """
 from __future__ import annotations
 
@@ -603,17 +604,18 @@ def attack_success_rate(predictions: torch.Tensor, adversarial_labels: torch.Ten
     return float((predictions == target).float().mean())
 
 
-def threat_report(bundle, dataset: "PoisonedPairs | PoisonedCorpus", *, n_test: int = 400, batch_size: int = 256
-                  ) -> dict:
-    """Attack success rates of every attack in ``dataset`` (a poisoned corpus, stacked or not) against ``bundle``,
-    with zero-shot classifiers built from each attack task's templates.
+def threat_items(bundle, dataset: "PoisonedPairs | PoisonedCorpus", *, n_test: int = 400, batch_size: int = 256
+                 ) -> dict:
+    """Per-item outcomes of every attack in ``dataset`` (a poisoned corpus, stacked or not) against ``bundle``, with
+    zero-shot classifiers built from each attack task's templates: what every attack success rate is the mean of.
 
-    Per attack layer (named ``targeted``, ``patch <side>px`` or ``blend <alpha>``, with ``_2``… on repeats) a
-    dict: ``task``, ``target`` (the backdoor's target class; -1 for targeted), ``asr`` (%) —
-    targeted: target images classified top-1 as their adversarial class; backdoor: triggered test images (the first
-    ``n_test`` of the task's test split, those not of the target class) classified as the target class — and
-    ``base_rate`` (%) — targeted: the share of targets classified as their true class; backdoor: the share of the
-    same test images *without* the trigger classified as the target class (what the trigger must beat) — and ``n``.
+    Per attack layer (named ``targeted``, ``patch <side>px`` or ``blend <alpha>``, with ``_2``… on repeats) a dict:
+    ``task``, ``target`` (the backdoor's target class; -1 for targeted), ``hit`` (N,) bool — targeted: each target
+    image classified top-1 as its adversarial class; backdoor: each triggered test image (the first ``n_test`` of
+    the task's test split, those not of the target class) classified as the target class — and ``base`` (N,) bool,
+    on the same items without the attack's effect — targeted: the target classified as its true class; backdoor: the
+    same test image *without* the trigger classified as the target class (what the trigger must beat); and
+    ``labels`` (N,) the items' true classes.
     """
     from rclip import zeroshot
     from rclip.world.tasks import zeroshot_task
@@ -632,24 +634,33 @@ def threat_report(bundle, dataset: "PoisonedPairs | PoisonedCorpus", *, n_test: 
         if hasattr(layer, "target_images"):
             images, labels, adversarial = layer.target_images()
             pred = zeroshot.predict(clf, images, batch_size)
-            name, entry = "targeted", {"asr": 100 * attack_success_rate(pred, adversarial),
-                                       "base_rate": 100 * attack_success_rate(pred, labels), "n": len(images)}
+            name, target = "targeted", -1
+            entry = {"hit": pred == adversarial, "base": pred == labels, "labels": labels}
         else:
             x, y = test_task(layer.task, n_test).tensors(n_test)
-            triggered, _ = backdoor_test_images(x, y, layer.trigger, layer.config.target_label)
+            triggered, labels = backdoor_test_images(x, y, layer.trigger, layer.config.target_label)
             clean = x[y != layer.config.target_label]
-            trig = layer.trigger
+            trig, target = layer.trigger, int(layer.config.target_label)
             name = f"patch {trig.side(dataset.resolution)}px" if trig.kind == "patch" else f"blend {trig.alpha:g}"
-            entry = {"asr": 100 * attack_success_rate(zeroshot.predict(clf, triggered, batch_size),
-                                                      layer.config.target_label),
-                     "base_rate": 100 * attack_success_rate(zeroshot.predict(clf, clean, batch_size),
-                                                            layer.config.target_label), "n": len(triggered)}
+            entry = {"hit": zeroshot.predict(clf, triggered, batch_size) == target,
+                     "base": zeroshot.predict(clf, clean, batch_size) == target, "labels": labels}
         key, k = name, 2
         while key in out:
             key, k = f"{name}_{k}", k + 1
-        target = -1 if hasattr(layer, "target_images") else int(layer.config.target_label)
         out[key] = {"task": layer.task, "target": target, **entry}
     return out
+
+
+def threat_report(bundle, dataset: "PoisonedPairs | PoisonedCorpus", *, n_test: int = 400, batch_size: int = 256
+                  ) -> dict:
+    """Attack success rates of every attack in ``dataset`` against ``bundle``: the means of :func:`threat_items`.
+
+    Per attack layer a dict: ``task``, ``target`` (-1 for targeted), ``asr`` (%), ``base_rate`` (%) and ``n``
+    (see :func:`threat_items` for what each counts).
+    """
+    return {name: {"task": t["task"], "target": t["target"], "asr": 100 * t["hit"].float().mean().item(),
+                   "base_rate": 100 * t["base"].float().mean().item(), "n": len(t["hit"])}
+            for name, t in threat_items(bundle, dataset, n_test=n_test, batch_size=batch_size).items()}
 
 
 def _task(name: str) -> TaskDef:
@@ -660,4 +671,5 @@ def _task(name: str) -> TaskDef:
 
 __all__ = ["Trigger", "PoisonedPairs", "TargetedPoisonConfig", "TargetedPoisonPairs", "BackdoorConfig",
            "BackdoorPairs", "targeted_poison", "backdoor_poison", "backdoor_test_images", "attack_success_rate",
-           "class_caption", "class_captions", "spec_label", "threat_report", "GroundTruth", "PoisonedCorpus"]
+           "class_caption", "class_captions", "spec_label", "threat_items", "threat_report",
+           "GroundTruth", "PoisonedCorpus"]

@@ -32,9 +32,11 @@ Only the abstract is public (see ``OTCCLIP_NOTES.md``); what follows is our read
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -386,6 +388,86 @@ def rematch_report(assigned: torch.Tensor, describes: Callable[[int, int], bool]
     return report
 
 
+def rematch_items(assigned: torch.Tensor, describes: Callable[[int, int], bool] | None = None, *,
+                  poisoned: torch.Tensor | None = None, keeps_poison: Callable[[int, int], bool] | None = None,
+                  candidates: torch.Tensor | None = None) -> dict:
+    """Per-item outcomes of a re-matching (image i was assigned caption ``assigned[i]``), in points (0 or 100), so
+    that two matchings of the same images can be compared item by item (:func:`rclip.claims.compare`).
+
+    describes(i, j): is caption j true of image i (None: no ground truth, e.g. a web corpus). poisoned: (N,) bool,
+    the images of poisoned pairs; keeps_poison(i, j): would pairing poisoned image i with caption j still teach the
+    attack. candidates: (N, k) each image's candidate pool.
+
+    Returns ``precision`` (N,) — the assigned caption is true of the image (None without ``describes``);
+    ``broken`` (P,) — per poisoned pair, in index order, the new caption no longer teaches the attack (None without
+    ``poisoned``); ``pool hit`` (N,) — at least one true caption among the image's candidates (None without
+    ``describes`` or ``candidates``); ``poisoned index`` (P,) — the poisoned pairs ``broken`` is about.
+    """
+    assigned = torch.as_tensor(assigned).tolist()
+    if not assigned:
+        raise RClipError("no assignments to score")
+    out = {"precision": None, "broken": None, "pool hit": None, "poisoned index": None}
+    if describes is not None:
+        out["precision"] = 100.0 * np.array([bool(describes(i, j)) for i, j in enumerate(assigned)], dtype=float)
+    if poisoned is not None:
+        poisoned = torch.as_tensor(poisoned, dtype=torch.bool).cpu()
+        if len(poisoned) != len(assigned):
+            raise RClipError(f"poisoned has {len(poisoned)} entries for {len(assigned)} images")
+        if keeps_poison is None:
+            if describes is None:
+                raise RClipError("poison broken needs keeps_poison (or describes, to read 'not true' as broken)")
+            keeps_poison = (lambda i, j: not describes(i, j))  # noqa: E731
+        rows = poisoned.nonzero().flatten().tolist()
+        out["poisoned index"] = np.array(rows, dtype=int)
+        out["broken"] = 100.0 * np.array([not keeps_poison(i, assigned[i]) for i in rows], dtype=float)
+    if candidates is not None and describes is not None:
+        candidates = torch.as_tensor(candidates).tolist()
+        if len(candidates) != len(assigned):
+            raise RClipError(f"candidates has {len(candidates)} rows for {len(assigned)} images")
+        out["pool hit"] = 100.0 * np.array([any(describes(i, j) for j in row) for i, row in enumerate(candidates)],
+                                           dtype=float)
+    return out
+
+
+def mixed_choice(rematch: "Rematch", weight: float) -> torch.Tensor:
+    """The caption each image of an OT re-matching would get under the mixed distance (1 - w) · OT + w · (1 - global
+    cosine), on the same candidate pools: (N,) caption indices. w = 0 is the OT choice, w = 1 the most similar
+    candidate (global matching); ties go to the more similar candidate."""
+    if rematch.distance is None:
+        raise RClipError("a global re-matching has no OT distances to mix; re-match with method='ot'")
+    if not 0 <= weight <= 1:
+        raise RClipError(f"the global weight must be in [0, 1]; got {weight}")
+    mixed = (1 - weight) * rematch.distance + weight * (1 - rematch.similarity)
+    return rematch.candidates.gather(1, mixed.argmin(1, keepdim=True))[:, 0]
+
+
+@torch.no_grad()
+def transport_plan(bundle, image: torch.Tensor, caption: str, *, reg: float = 0.1, max_iter: int = 200) -> dict:
+    """The OT plan between one caption's words and one image's patches, as the book draws it.
+
+    image: (3, S, S) in [0, 1]. The cost is 1 - cos between the model's word and patch features
+    (:func:`text_tokens`, :func:`image_tokens`), the word marginal uniform over real words, the patch marginal
+    uniform; the plan is the entropic one (Sinkhorn, ``reg``). Returns ``words`` (W str), ``plan`` (W, P) with each
+    word's row normalised to sum 1 (where its mass goes), and ``patch_mass`` (W, gh, gw), the rows on the patch grid.
+    """
+    was_training = bundle.model.training
+    bundle.model.eval()
+    try:
+        img = image_tokens(bundle, image[None].to(bundle.device))
+        ids = bundle.tokenizer([caption])
+        txt = text_tokens(bundle, ids)
+    finally:
+        bundle.model.train(was_training)
+    keep = txt.mask[0]
+    cost = 1 - txt.tokens[0][keep] @ img.tokens[0].T                                # words x patches
+    plan = sinkhorn(cost.float(), None, None, reg=reg, max_iter=max_iter, return_plan=True).plan.cpu()
+    plan = plan / plan.sum(1, keepdim=True)
+    positions = keep.nonzero().flatten().tolist()
+    words = [bundle.tokenizer.decode([int(ids[0, p])]).strip() for p in positions]
+    grid = tuple(bundle.model.visual.grid_size)
+    return {"words": words, "plan": plan, "patch_mass": plan.reshape(len(words), *grid)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # OT alignment objectives
 # ----------------------------------------------------------------------------------------------------------------
@@ -615,8 +697,10 @@ class OTCCLIPTrainer(Trainer):
         img, txt = img.to(dtype=torch.float32), txt.to(dtype=torch.float32)
         loss = masked_contrastive(img.pooled[:b], txt.pooled[:b], scale.float(), None, self.rank, self.world)
         if a.inter_weight or a.image_intra_weight or a.text_intra_weight:
-            terms = alignment_losses(img[:b], txt[:b], img[b:] if a.image_intra_weight else None,
-                                     txt[b:] if a.text_intra_weight else None, a)
+            with warnings.catch_warnings():   # the objectives run a fixed, small Sinkhorn budget by design
+                warnings.filterwarnings("ignore", message="sinkhorn did not converge", category=RuntimeWarning)
+                terms = alignment_losses(img[:b], txt[:b], img[b:] if a.image_intra_weight else None,
+                                         txt[b:] if a.text_intra_weight else None, a)
             loss = loss + terms["total"]
         return loss
 
@@ -633,7 +717,8 @@ class OTCCLIPTrainer(Trainer):
         return {"events": self.events, "assignment": self.assignment.clone()}
 
 
-__all__ = ["ot_contrastive_loss", "TokenFeatures", "token_set", "image_tokens", "text_tokens", "encode_image_tokens", "encode_text_tokens",
-           "OTConfig", "ot_distance", "candidate_distances", "topk_similar", "RematchConfig", "Rematch",
-           "rematch_captions", "rematch_report", "AlignmentConfig", "inter_modality_loss", "intra_modality_loss",
-           "alignment_losses", "rematch_corpus", "OTCCLIPConfig", "TokenCLIP", "OTCCLIPTrainer"]
+__all__ = ["ot_contrastive_loss", "TokenFeatures", "token_set", "image_tokens", "text_tokens", "encode_image_tokens",
+           "encode_text_tokens", "OTConfig", "ot_distance", "candidate_distances", "topk_similar", "RematchConfig",
+           "Rematch", "rematch_captions", "rematch_report", "rematch_items", "mixed_choice", "transport_plan",
+           "AlignmentConfig", "inter_modality_loss", "intra_modality_loss", "alignment_losses", "rematch_corpus",
+           "OTCCLIPConfig", "TokenCLIP", "OTCCLIPTrainer"]
