@@ -9,8 +9,8 @@ For an image x and class y, COLA compares two discrete distributions on the unit
 with cost C_y^Π(n, m) = 1 - cos(Π(f(x_n)), z_y^m), where Π = U_C U_Cᵀ projects onto the top-C left singular vectors
 of the D × KM matrix of all class text features. It predicts argmin_y of the OT cost <T*, C_y^Π>.
 
-Settings the paper does not state follow ``COLA_NOTES.md`` (AWT's choices) and are parameters here: the text
-matrix is neither centred nor re-normalised; entropy weights are softmax(-H / T) with T = 0.5, over views and, per
+Settings the paper does not state follow AWT's public code (the book page *Settings the papers leave open*) and
+are parameters here: the text matrix is neither centred nor re-normalised; entropy weights are softmax(-H / T) with T = 0.5, over views and, per
 class, over its text features; the Sinkhorn solve uses ε = 0.1 and at most 100 iterations.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """OTCCLIP (Zhang et al., EMNLP 2025): pre-training CLIP on poisoned pairs by re-matching captions with an OT
 distance between fine-grained features, plus OT alignment objectives.
 
-Only the abstract is public (see ``OTCCLIP_NOTES.md``); what follows is our reading, each choice a parameter.
+Only the abstract is public; what follows is our reading, each choice a parameter.
 
 * **Fine-grained features.** An image is the set of its patch tokens, a caption the set of its word tokens, both
   mapped into the joint embedding space by the model's own last norm and projection (``ln_post`` then ``proj`` on
