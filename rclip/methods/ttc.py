@@ -1,11 +1,12 @@
 """TTC, test-time counterattacks (Xing et al., CVPR 2025): the test-time defense COLA compares against.
 
 Before classifying x, TTC pushes it *away* from its own embedding with a small PGD "counterattack" and classifies
-the result. An adversarial image is a point where the embedding is unusually insensitive to random noise, which
-TTC measures with τ = ‖f(x + δ0) - f(x)‖ / ‖f(x)‖ for a random δ0; only images with τ below a threshold get the
-counterattack, the rest keep δ0. The settings follow TTC's paper (the book page *Settings the papers leave
-open*): δ0 ~ U[-4/255, 4/255], two sign-ascent steps of 1/255 on ‖f(x + δ) - f(x)‖² within 4/255, τ threshold 0.2, and δ = Σ_k softmax(β k)_k δ_k over the
-steps k = 1..K with β = 2 (weights that favour the later steps; our reading of the protocol).
+the result. An adversarial image is a point where the embedding is unusually insensitive to random noise, which TTC
+measures with τ = ‖f(x + δ0) - f(x)‖ / ‖f(x)‖ for a random δ0; only images with τ below a threshold get the
+counterattack, the rest keep δ0. The settings follow TTC's paper (the book page *Settings the papers leave open*):
+δ0 ~ U[-4/255, 4/255], two sign-ascent steps of 1/255 on ‖f(x + δ) - f(x)‖² within 4/255, τ threshold 0.2, and δ =
+Σ_k softmax(β k)_k δ_k over the steps k = 1..K with β = 2 (weights that favour the later steps; our reading of the
+protocol).
 """
 from __future__ import annotations
 
