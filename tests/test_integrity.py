@@ -185,3 +185,39 @@ def test_empty_batches_are_a_clear_error(tiny):
         pgd(clf, torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), 1 / 255)
     with pytest.raises(RClipError, match="zero images"):
         zeroshot.accuracy(clf, torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long))
+
+
+def _images(root, n):
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(root / f"{i}.png")
+
+
+def test_pair_files_are_read_with_the_standard_parsers(tmp_path, tiny):
+    from rclip.data.pairs import read_pairs
+
+    _images(tmp_path / "img", 3)
+    good = tmp_path / "good.csv"
+    good.write_text('\ufeffimage,caption\n0.png,"a dog\non grass"\n1.png,a cat\n2.png,"a, b"\n', encoding="utf-8")
+    pairs = read_pairs(good, tmp_path / "img", tiny.preprocess)              # a BOM header is accepted
+    assert pairs.texts == ["a dog\non grass", "a cat", "a, b"]              # the quoted newline is kept
+    missing = tmp_path / "missing.csv"
+    missing.write_text("image,caption\n0.png,a dog\n1.png\n", encoding="utf-8")
+    with pytest.raises(RClipError, match="line 3: the record has fewer fields"):
+        read_pairs(missing, tmp_path / "img", tiny.preprocess)
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text('{"image": "0.png", "caption": "a dog"}\n{"image": "1.png", "caption": null}\n')
+    with pytest.raises(RClipError, match="line 2: column 'caption' is missing or not text"):
+        read_pairs(jsonl, tmp_path / "img", tiny.preprocess)
+
+
+def test_description_values_must_be_lists(tmp_path):
+    from rclip.data.classification import load_descriptions
+
+    path = tmp_path / "d.json"
+    path.write_text('{"cat": "a small animal", "dog": ["a loyal animal"]}')
+    with pytest.raises(RClipError, match="not a list of sentences"):
+        load_descriptions(path, ["cat", "dog"])

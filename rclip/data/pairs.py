@@ -150,11 +150,19 @@ class FocusedWorldPairs(Dataset):
 def cached_corpus(dataset, key: dict, *, batch_size: int = 512) -> PairCorpus:
     """:meth:`PairCorpus.render` of ``dataset``, cached under ``$RCLIP_CACHE/corpora`` by ``key`` (everything that
     determines the dataset's pairs: its class, sizes, seeds, attack configs)."""
+    from rclip.models import sha256
+
     path = artefact_path("corpora", key, ".pt")
-    if path.is_file():
+    check = path.with_suffix(".sha256")
+    if path.is_file() and check.is_file():                 # the checksum is written last: its presence marks it whole
+        if sha256(path) != check.read_text().strip():
+            raise RClipError(f"cached corpus {path} does not match its checksum {check} (corrupted or replaced): "
+                             f"delete {path.with_suffix('')}.* and re-run to rebuild it")
         return PairCorpus.load(path)
     corpus = PairCorpus.render(dataset, batch_size, meta=key)
     corpus.save(path)
+    with atomic_path(check) as tmp:
+        tmp.write_text(sha256(path) + "\n")
     return corpus
 
 
@@ -193,20 +201,35 @@ class FilePairs(Dataset):
         return {k: v[0] for k, v in batch.items()}
 
 
-def _rows(path: Path) -> list[dict]:
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    """The records of a captions file, each with where it is (``"line 3"``, ``"record 3"``) for error messages.
+    Read with the standard parsers: ``csv`` on the file object (so quoted multi-line captions keep their newlines),
+    ``utf-8-sig`` (a byte-order mark is not part of the first header)."""
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json":
-        rows = json.loads(text)
-        if isinstance(rows, dict):      # {"annotations": [...]} or {"images": [...]}
-            rows = next((v for v in rows.values() if isinstance(v, list)), None)
-        if not isinstance(rows, list):
-            raise RClipError(f"{path}: a JSON captions file must hold a list of {{image, caption}} records")
-        return rows
-    if suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    if suffix in (".csv", ".tsv"):
-        return list(csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ","))
+    try:
+        if suffix in (".csv", ".tsv"):
+            with open(path, encoding="utf-8-sig", newline="") as f:
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                out = []
+                for row in reader:
+                    if None in row or any(v is None for v in row.values()):
+                        raise RClipError(f"{path}, line {reader.line_num}: the record has "
+                                         f"{'more' if None in row else 'fewer'} fields than the header "
+                                         f"{reader.fieldnames}")
+                    out.append((f"line {reader.line_num}", row))
+                return out
+        text = path.read_text(encoding="utf-8-sig")
+        if suffix == ".json":
+            rows = json.loads(text)
+            if isinstance(rows, dict):      # {"annotations": [...]} or {"images": [...]}
+                rows = next((v for v in rows.values() if isinstance(v, list)), None)
+            if not isinstance(rows, list):
+                raise RClipError(f"{path}: a JSON captions file must hold a list of {{image, caption}} records")
+            return [(f"record {i}", r) for i, r in enumerate(rows)]
+        if suffix == ".jsonl":
+            return [(f"line {i + 1}", json.loads(line)) for i, line in enumerate(text.splitlines()) if line.strip()]
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as exc:
+        raise RClipError(f"{path} cannot be parsed as {suffix[1:].upper()} ({exc})") from None
     raise RClipError(f"{path}: unknown captions format {suffix!r}; use .csv, .tsv, .json or .jsonl with an image "
                      f"column ({'/'.join(IMAGE_KEYS)}) and a caption column ({'/'.join(CAPTION_KEYS)})")
 
@@ -233,14 +256,21 @@ def read_pairs(captions: str | Path | None, images: str | Path | None, transform
         rows = rows[:limit]
     if not rows:
         raise RClipError(f"{captions} holds no records")
-    keys = set(rows[0])
+    first = rows[0][1]
+    keys = set(first) if isinstance(first, dict) else set()
     img_key = next((k for k in IMAGE_KEYS if k in keys), None)
     cap_key = next((k for k in CAPTION_KEYS if k in keys), None)
     if img_key is None or cap_key is None:
         raise RClipError(f"{captions}: records have columns {sorted(keys)}; need an image column (one of "
                          f"{', '.join(IMAGE_KEYS)}) and a caption column (one of {', '.join(CAPTION_KEYS)})")
-    paths = [(root / str(r[img_key])) for r in rows]
-    texts = [str(r[cap_key]).strip() for r in rows]
+    for where, r in rows:
+        for key in (img_key, cap_key):
+            if not isinstance(r, dict) or not isinstance(r.get(key), str):
+                raise RClipError(f"{captions}, {where}: column {key!r} is missing or not text "
+                                 f"({(r.get(key) if isinstance(r, dict) else r)!r}); every record needs an image "
+                                 f"path and a caption")
+    paths = [(root / r[img_key]) for _, r in rows]
+    texts = [r[cap_key].strip() for _, r in rows]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise RClipError(f"{len(missing)} of {len(paths)} images listed in {captions} are missing under {root}, "

@@ -245,15 +245,21 @@ class HotClip:
     def load(self, key: dict, what: str) -> Tower:
         """A cached tower, registered as resident."""
         from rclip.models import read_state_dict
+        from rclip.train import verify_artefact
 
-        state, _ = read_state_dict(self.path(key))
+        path = self.path(key)
+        verify_artefact(path, path.with_suffix(".log.json"))      # a corrupted tower is never read as the one made
+        state, _ = read_state_dict(path)
         device = self.base.device
         return self.residency.track(Tower({k: v.to(device) for k, v in state.items()}), what)
 
     def _save(self, key: dict, state: dict) -> None:
         """Cache a fused (not trained) tower: the tower, then its log, as :func:`rclip.train.train_cached` does."""
+        from rclip.models import sha256
+
         save_tower(self.path(key), state)
-        write_json(self.path(key).with_suffix(".log.json"), {"fused": True, "key": key})
+        write_json(self.path(key).with_suffix(".log.json"),
+                   {"fused": True, "key": key, "artefact_sha256": {"model": sha256(self.path(key))}})
 
     def cached_log(self, key: dict) -> dict | None:
         p = self.path(key).with_suffix(".log.json")
