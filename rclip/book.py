@@ -149,7 +149,8 @@ def start(notebook: str, namespace: dict) -> Run:
     given explicitly — injected by papermill (``-p key value``, also by ``rclip book --set``) or edited in the
     parameters cell (its value differs from the cell's default) — overrides it. An injected name the notebook does
     not declare is an error naming the nearest declared one. The resolved values are written back into
-    ``namespace``, so the notebook's cells read them as plain variables.
+    ``namespace``, so the notebook's cells read them as plain variables. A notebook that declares ``threads``
+    gets that many torch CPU threads (0: torch's default).
     """
     declared = declared_parameters(notebook)
     injected = _injected_parameters(namespace)
@@ -171,6 +172,13 @@ def start(notebook: str, namespace: dict) -> Run:
     if overridden:
         print(f"[rclip] {notebook} at profile {profile!r}, overridden: "
               + ", ".join(f"{k}={params[k]!r}" for k in overridden))
+    threads = params.get("threads") or 0
+    if not isinstance(threads, int) or threads < 0:
+        raise RClipError(f"threads must be an integer >= 0 (0: torch's default); got {threads!r}")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     return Run(notebook, profile, params.get("seed", 0), params.get("device", "auto"), params.get("results_path"),
                params=params, overridden=overridden)
 

@@ -53,8 +53,8 @@ class SinkhornResult:
 
 def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, reg: float,
              max_iter: int = 1000, tol: float | None = None, return_plan: bool = False,
-             grad: str = "implicit") -> SinkhornResult:
-    """Entropic OT for a batch of problems by log-domain Sinkhorn.
+             grad: str = "implicit", domain: str = "log") -> SinkhornResult:
+    """Entropic OT for a batch of problems by Sinkhorn, in the log domain (or, on request, the kernel domain).
 
     Args:
         cost: (..., N, M) finite costs (e.g. 1 - cosine, in [0, 2]); float64 is solved in float64, any other dtype
@@ -68,13 +68,28 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
             (default 1e-9 in float64, 1e-6 in float32); tol=0 runs ``max_iter`` iterations.
         return_plan: also return the plan (..., N, M).
         grad: ``"implicit"`` or ``"unrolled"`` (see the module docstring); gradients flow to cost, a and b.
+        domain: where the iterations run. ``"log"``: log-sum-exp updates of the log-scalings, safe for any cost
+            scale. ``"kernel"``: the classical scaling updates u = a / K v, v = b / Kᵀ u on K = exp(-(C - min C) /
+            reg), two batched matrix-vector products per iteration and no exponential (about 3x faster on the CPU
+            at OTCCLIP's re-matching sizes); the same plan, returned through the same log-scalings. It needs the
+            kernel not to underflow: each problem's cost range / reg at most :data:`KERNEL_MAX_RANGE` (float32;
+            float64: 10x that), and ``grad="implicit"`` (its iterations carry no gradient). ``"auto"``: kernel
+            where both hold, else log.
     """
     cost, a, b, reg = _prepare(cost, a, b, reg, max_iter, tol, grad)
+    if domain not in ("log", "kernel", "auto"):
+        raise RClipError(f"domain must be 'log', 'kernel' or 'auto'; got {domain!r}")
     tol = (1e-9 if cost.dtype == torch.float64 else 1e-6) if tol is None else float(tol)
+    kernel = domain != "log" and grad == "implicit" and _kernel_safe(cost.detach(), reg)
+    if domain == "kernel" and not kernel:
+        raise RClipError("domain='kernel' needs grad='implicit' and a cost range / reg of at most "
+                         f"{KERNEL_MAX_RANGE:g} (float32; 10x that in float64) per problem, or the kernel exp(-C / "
+                         "reg) underflows; use domain='auto' (falls back to the log domain) or 'log'")
     if grad == "implicit":
         with torch.no_grad():
+            step = _iterate_kernel if kernel else _iterate
             alpha, beta, n_iter, error = _iterate_in_chunks(cost.detach() / -reg, a.detach(), b.detach(), max_iter,
-                                                            tol)
+                                                            tol, step)
         plan = _ImplicitPlan.apply(cost, a, b, alpha, beta, reg)
     else:
         alpha, beta, n_iter, error = _iterate_in_chunks(cost / -reg, a, b, max_iter, tol)
@@ -108,15 +123,30 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
 CPU_CHUNK_ENTRIES = 1 << 18
 
 
-def _iterate_in_chunks(log_k, a, b, max_iter, tol):
-    """:func:`_iterate` over chunks of the (flattened) batch on the CPU; the whole batch at once elsewhere."""
+#: The largest cost range / reg (per problem, float32) at which ``domain="kernel"`` is used: exp(-50) ≈ 2e-22, so
+#: the kernel, its products and the scalings stay far inside float32's range.
+KERNEL_MAX_RANGE = 50.0
+
+
+def _kernel_safe(cost, reg):
+    if cost.numel() == 0:
+        return True
+    spread = (cost.amax((-2, -1)) - cost.amin((-2, -1))).max()
+    limit = KERNEL_MAX_RANGE * (10 if cost.dtype == torch.float64 else 1)
+    return bool(spread / reg <= limit)
+
+
+def _iterate_in_chunks(log_k, a, b, max_iter, tol, step=None):
+    """``step`` (:func:`_iterate` or :func:`_iterate_kernel`) over chunks of the (flattened) batch on the CPU; the
+    whole batch at once elsewhere."""
+    step = step or _iterate
     n, m = log_k.shape[-2:]
     batch = log_k.shape[:-2]
     total, per = math.prod(batch), max(1, CPU_CHUNK_ENTRIES // (n * m))
     if log_k.device.type != "cpu" or total <= per:
-        return _iterate(log_k, a, b, max_iter, tol)
+        return step(log_k, a, b, max_iter, tol)
     flat_k, flat_a, flat_b = log_k.reshape(total, n, m), a.reshape(total, n), b.reshape(total, m)
-    parts = [_iterate(flat_k[i:i + per], flat_a[i:i + per], flat_b[i:i + per], max_iter, tol)
+    parts = [step(flat_k[i:i + per], flat_a[i:i + per], flat_b[i:i + per], max_iter, tol)
              for i in range(0, total, per)]
     alpha, beta, error = (torch.cat([p[j] for p in parts]) for j in (0, 1, 3))
     return (alpha.reshape(*batch, n), beta.reshape(*batch, m), max(p[2] for p in parts),
@@ -140,6 +170,24 @@ def _iterate(log_k, a, b, max_iter, tol):
             break
         alpha = log_a - lse
     return alpha, beta, n_iter, error.detach()
+
+
+def _iterate_kernel(log_k, a, b, max_iter, tol):
+    """:func:`_iterate` by scaling updates on the kernel K = exp(log_k - max log_k) (no gradient): the same
+    iterations (β, then the rows measured, then α), on u = exp(α), v = exp(β) and K instead of their logs.
+    Returns the same quantities as :func:`_iterate`: α = log u (with the shift of K folded in), β = log v."""
+    shift = log_k.amax((-2, -1), keepdim=True)                 # K's largest entry is 1; the smallest > e^-range
+    kernel = (log_k - shift).exp()
+    u = (a > 0).to(kernel.dtype)
+    for n_iter in range(1, max_iter + 1):
+        v = b / (kernel.mT @ u[..., None])[..., 0]
+        kv = (kernel @ v[..., None])[..., 0]
+        error = (u * kv - a).abs().sum(-1)
+        if n_iter == max_iter or error.numel() == 0 or error.max() <= tol:
+            break
+        u = torch.where(a > 0, a / kv, 0.0)
+    alpha = _log(u) - shift[..., 0]                            # P = u K v = exp(α + β + log_k)
+    return alpha, _log(v), n_iter, error
 
 
 class _ImplicitPlan(torch.autograd.Function):

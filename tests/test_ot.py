@@ -277,3 +277,54 @@ def test_non_convergence_is_reported_not_hidden():
     assert any("did not converge" in str(w.message) and "larger reg" in str(w.message) for w in caught)
     ok = sinkhorn(_t(cost), reg=0.1, max_iter=10_000)
     assert ok.converged.all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kernel_domain_gives_the_log_domain_plan_pot_values_and_gradients(dtype):
+    """domain="kernel" iterates scalings on exp(-C / reg): the plan, cost and implicit gradients of the log domain
+    (and POT's values), zero-weight points included."""
+    rng = np.random.default_rng(11)
+    cost, a, b = _problems(rng, (3, 4), 7, 5, uniform=False, scale=2.0)
+    a[0, 0, 2], b[1, 3] = 0.0, 0.0
+    a, b = a / a.sum(-1, keepdims=True), b / b.sum(-1, keepdims=True)
+    tol = 1e-11 if dtype == torch.float64 else 1e-6
+    out = {}
+    for domain in ("log", "kernel"):
+        c = _t(cost).to(dtype).requires_grad_(True)
+        res = sinkhorn(c, _t(a).to(dtype), _t(b).to(dtype), reg=0.1, max_iter=100_000, tol=tol, return_plan=True,
+                       domain=domain)
+        res.cost.sum().backward()
+        out[domain] = res, c.grad
+    (log, g_log), (ker, g_ker) = out["log"], out["kernel"]
+    assert bool(ker.converged.all()) and torch.isfinite(ker.plan).all()
+    assert torch.all(ker.plan[0, 0, 2] == 0) and torch.all(ker.plan[:, 1, :, 3] == 0)
+    close = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ker.plan, log.plan, **close)
+    torch.testing.assert_close(ker.cost, log.cost, **close)
+    torch.testing.assert_close(g_ker, g_log, **close)
+    for i, j in [(0, 0), (1, 3), (2, 1)]:
+        assert abs(ker.cost[i, j].item() - _pot(cost, a, b, 0.1, i, j)[0]) <= (1e-8 if dtype == torch.float64
+                                                                               else 1e-5)
+
+
+def test_kernel_domain_refuses_an_underflowing_kernel_and_auto_falls_back(monkeypatch):
+    import rclip.ot as rot
+
+    rng = np.random.default_rng(12)
+    cost = _t(rng.uniform(0, 2, (4, 6, 5))).float()
+    with pytest.raises(RClipError, match="domain='kernel' needs"):
+        sinkhorn(cost, reg=0.01, domain="kernel")                   # range / reg = 200 > 50: exp underflows
+    with pytest.raises(RClipError, match="domain='kernel' needs"):
+        sinkhorn(cost, reg=0.1, domain="kernel", grad="unrolled")
+    with pytest.raises(RClipError, match="domain must be"):
+        sinkhorn(cost, reg=0.1, domain="exp")
+    used = []
+    for name in ("_iterate", "_iterate_kernel"):
+        fn = getattr(rot, name)
+        monkeypatch.setattr(rot, name, lambda *args, _f=fn, _n=name: used.append(_n) or _f(*args))
+    small = sinkhorn(cost, reg=0.01, max_iter=20_000, domain="auto")
+    assert used == ["_iterate"] and bool(small.converged.all())
+    torch.testing.assert_close(small.cost, sinkhorn(cost, reg=0.01, max_iter=20_000).cost)
+    used.clear()
+    sinkhorn(cost, reg=0.1, domain="auto")
+    assert used == ["_iterate_kernel"]

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from rclip import book, profiles
 from rclip.errors import RClipError
@@ -99,6 +100,21 @@ def test_start_resolves_the_profile_and_detects_edits(tmp_path):
     blob = run.save({"x": float("nan")})
     assert blob["results"] == {"x": None} and blob["parameters"]["model"] == "rclip-tiny"
     assert json.loads((tmp_path / "r.json").read_text())["overridden"] == ["n_attack"]
+
+
+def test_start_sets_the_declared_threads_and_refuses_a_bad_count(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        ns = dict(profiles.declared_parameters("04_otcclip"))
+        ns.update(profile="smoke", results_path=str(tmp_path / "r.json"))
+        book.start("04_otcclip", ns)
+        assert ns["threads"] == 1 and torch.get_num_threads() == 1       # smoke's 04_otcclip sets threads: 1
+        ns = dict(profiles.declared_parameters("02_hot_clip"))
+        ns.update(profile="smoke", threads=-2)
+        with pytest.raises(RClipError, match="threads must be an integer >= 0"):
+            book.start("02_hot_clip", ns)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _papermill(args, cwd, timeout=300):
