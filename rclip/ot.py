@@ -70,8 +70,8 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
         grad: ``"implicit"`` or ``"unrolled"`` (see the module docstring); gradients flow to cost, a and b.
         domain: where the iterations run. ``"log"``: log-sum-exp updates of the log-scalings, safe for any cost
             scale. ``"kernel"``: the classical scaling updates u = a / K v, v = b / Kᵀ u on K = exp(-(C - min C) /
-            reg), two batched matrix-vector products per iteration and no exponential (about 3x faster on the CPU
-            at OTCCLIP's re-matching sizes); the same plan, returned through the same log-scalings. It needs the
+            reg), two batched matrix-vector products per iteration and no exponential (1.5x faster on 2 CPU
+            cores at OTCCLIP's re-matching sizes, ``benchmarks/bench_rematch.py``); the same plan, returned through the same log-scalings. It needs the
             kernel not to underflow: each problem's cost range / reg at most :data:`KERNEL_MAX_RANGE` (float32;
             float64: 10x that), and ``grad="implicit"`` (its iterations carry no gradient). ``"auto"``: kernel
             where both hold, else log.

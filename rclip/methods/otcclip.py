@@ -253,7 +253,7 @@ def candidate_distances(images: TokenFeatures, captions: TokenFeatures, candidat
     """OT distances (B, k) between image i and captions ``candidates[i]`` (B, k), solved ``batch_size`` images
     (i.e. batch_size · k problems) at a time. domain: where Sinkhorn iterates (:func:`rclip.ot.sinkhorn`); the
     default ``"auto"`` uses the kernel domain where the cost range allows it (the same plans as the log domain,
-    about 3x faster at these sizes on the CPU)."""
+    1.5x faster at re-matching sizes on 2 CPU cores: ``benchmarks/bench_rematch.py``)."""
     candidates = torch.as_tensor(candidates, dtype=torch.long)
     if candidates.ndim != 2 or len(candidates) != len(images):
         raise RClipError(f"candidates must have shape (B, k) with B = {len(images)} images; got "
@@ -301,7 +301,8 @@ def topk_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, chunk_siz
             best_v.append(v)
             best_i.append(i + k0)
             if len(best_v) > 1:                                # merge: the running top-k stays (b, k)
-                v, pick = torch.cat(best_v, 1).topk(min(k, sum(x.shape[1] for x in best_v)), dim=1)
+                merged = torch.cat(best_v, 1)
+                v, pick = merged.topk(min(k, merged.shape[1]), dim=1)
                 best_v, best_i = [v], [torch.cat(best_i, 1).gather(1, pick)]
         values.append(best_v[0])
         indices.append(best_i[0])
