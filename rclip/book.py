@@ -65,7 +65,7 @@ class Run:
 
     ``results`` must be a JSON-serialisable dict of the notebook's key figures; it is written under the key
     ``results``, apart from the run's metadata (``profile``, ``parameters``, ``seed``, ``device``, ``versions``,
-    ``revision``, ``wall_s``, ``timings``), so two runs with the same profile, seed and device have identical
+    ``revision``, ``wall_s``, ``timings``, ``artefacts``, ``inputs``), so two runs with the same profile, seed and device have identical
     ``results``: nothing measured in seconds belongs in ``results``.
     """
 
@@ -79,6 +79,7 @@ class Run:
         self.params = dict(params or {})
         self.overridden = list(overridden)
         self.timings: dict[str, object] = {}
+        self.inputs: dict[str, dict] = {}
         self.t0 = time.time()
         seed_everything(self.seed)
 
@@ -88,15 +89,19 @@ class Run:
 
     def sibling_results(self, notebook: str) -> tuple[dict, str]:
         """Another notebook's results JSON: the one this run's output directory holds (the same book run), else
-        the published one in ``book/results``. Returns ``(blob, where it was read)``."""
+        the published one in ``book/results``. Returns ``(blob, the path it was read from)``.
+
+        The read is recorded in the saved JSON's ``inputs`` (beside ``results``, like ``timings``): the path and
+        the revision that produced it. A path depends on where the book was checked out and run, so it must not
+        enter ``results``; what the chapter took from the blob (budgets, ...) belongs there instead."""
         here = self.results_dir / f"{notebook}.json" if self.results_dir is not None else None
-        if here is not None and here.is_file():
-            return json.loads(here.read_text(encoding="utf-8")), str(here)
-        path = project_root() / "book" / "results" / f"{notebook}.json"
+        path = here if here is not None and here.is_file() else project_root() / "book" / "results" / f"{notebook}.json"
         if not path.is_file():
             raise RClipError(f"no results of {notebook} beside this run ({here}) nor published ({path}): run "
                              f"`rclip book --profile {self.profile} --only {notebook}` first")
-        return json.loads(path.read_text(encoding="utf-8")), str(path)
+        blob = json.loads(path.read_text(encoding="utf-8"))
+        self.inputs[notebook] = {"path": str(path), "revision": blob.get("revision")}
+        return blob, str(path)
 
     def time(self, name: str, value) -> None:
         """Record a measured time (seconds, ms per image, a ratio of two timings ...). Timings go to the JSON's
@@ -122,6 +127,7 @@ class Run:
             "wall_s": round(time.time() - self.t0, 1),
             "timings": _jsonable(self.timings),
             "artefacts": used_artefacts(),
+            "inputs": _jsonable(self.inputs),
             "results": _jsonable(results),
         }
         if self.results_path is not None:

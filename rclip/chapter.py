@@ -28,17 +28,22 @@ def nominal_budgets(eps_255) -> dict[str, float]:
     return {eps_label(e): e / 255 for e in eps_255}
 
 
+REFERENCE_SOURCE = "chapter 0 (results/00_world.json: reference_budgets_255)"
+
+
 def reference_budgets(run, tasks) -> tuple[dict[str, float], str]:
     """Each task's own reference budget (ℓ∞, [0, 1] units) fixed by chapter 0: the smallest radius of its grid at
     which the undefended world CLIP's PGD-10 top-1 falls below 10 %. Read from chapter 0's results of the same
-    book run (its output directory), else from the published book. Tasks that never fall in the grid are left
-    out. Returns ``(budgets, where they were read)``."""
+    book run (its output directory), else from the published book (the file read is recorded in the run's
+    ``inputs``). Tasks that never fall in the grid are left out. Returns ``(budgets, their source)``, the source
+    named without a directory (:data:`REFERENCE_SOURCE`), so results recording it do not depend on where the book
+    was checked out or run."""
     blob, where = run.sibling_results("00_world")
     per_task = blob["results"].get("reference_budgets_255")
     if not isinstance(per_task, dict):
         raise RClipError(f"{where} has no per-task reference budgets (results.reference_budgets_255): re-run "
                          f"chapter 0 (`rclip book --profile {run.profile} --only 00_world`)")
-    return {t: float(per_task[t]) / 255 for t in tasks if per_task.get(t) is not None}, where
+    return {t: float(per_task[t]) / 255 for t in tasks if per_task.get(t) is not None}, REFERENCE_SOURCE
 
 
 @dataclass

@@ -147,3 +147,24 @@ def test_results_identical_across_processes_hash_seeds_and_fresh_caches(tmp_path
         assert proc.returncode == 0, proc.stderr[-3000:]
         blobs.append(json.dumps(json.loads((out / "04_otcclip.json").read_text())["results"], sort_keys=True))
     assert blobs[0] == blobs[1]
+
+
+def test_sibling_results_keep_their_location_out_of_results(tmp_path):
+    """Where a chapter read chapter 0's results is recorded beside ``results`` (``inputs``), and what enters
+    ``results`` is the same wherever the book was checked out or run: a published run and a ``--verify`` re-run in
+    a scratch directory must agree."""
+    from rclip import chapter
+
+    saved = []
+    for place in ("a", "b/c"):
+        out = tmp_path / place
+        out.mkdir(parents=True)
+        (out / "00_world.json").write_text(json.dumps({"revision": "r1", "results": {
+            "reference_budgets_255": {"shape": 2.0, "colour": None}}}), encoding="utf-8")
+        run = book.Run("01_cola", "smoke", results_path=str(out / "01_cola.json"))
+        budgets, source = chapter.reference_budgets(run, ["shape", "colour"])
+        assert budgets == {"shape": 2 / 255}
+        saved.append(run.save({"reference_source": source}))
+        assert saved[-1]["inputs"] == {"00_world": {"path": str(out / "00_world.json"), "revision": "r1"}}
+    assert saved[0]["results"] == saved[1]["results"]
+    assert str(tmp_path) not in json.dumps(saved[0]["results"])

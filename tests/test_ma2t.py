@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rclip import world
+from rclip import chapter, world
 from rclip.world import LEXICON
 from rclip.attacks.text import STOPWORDS, LexiconSubstitutes
 from rclip.augment import (AugmentedPairs, alignment_diversity, aligned_order, augment_images, augment_texts, eda,
@@ -330,7 +330,8 @@ def test_reference_budget_is_the_largest_of_chapter_0s(tmp_path):
         def sibling_results(self, notebook):
             assert notebook == "00_world"
             return self.blob, "here"
-    assert retrieval_reference_budget(Run({"shape": 2.0, "colour": 6.0, "count": None})) == ("colour", 6 / 255, "here")
+    assert retrieval_reference_budget(Run({"shape": 2.0, "colour": 6.0, "count": None})) == (
+        "colour", 6 / 255, chapter.REFERENCE_SOURCE)
     assert retrieval_reference_budget(Run({"shape": None})) is None
     measured = {a: {"alignment": torch.full((2, 4), float(k)), "diversity": torch.full((2, 4), float(-k)),
                     "original": torch.ones(2)} for k, a in enumerate(["eda", "human", "captioner", "randaugment"])}

@@ -23,6 +23,26 @@ def test_linear_probe_at_chance_on_noise():
     assert 35 < probe.linear_probe(*data, num_classes=2)["test"] < 65
 
 
+def test_linear_probe_is_bit_identical_whatever_the_thread_count():
+    """Raw pixels of a world task: an ill-conditioned fit where an unpinned float32 probe gave 26.0 % at one thread
+    and 25.5 % at two (measured while writing this test); the probe must not depend on the caller's threads."""
+    from rclip import world
+
+    sets = [world.zeroshot_task("count", split=s, n=n, resolution=64, seed=0).tensors()
+            for s, n in (("train", 300), ("val", 80), ("test", 200))]
+    sets = [(probe.pooled_pixels(x), y) for x, y in sets]
+    before, out = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            r = probe.linear_probe(*sets, num_classes=6)
+            out.append((r["test"], r["val"], r["l2"], r["test_correct"]))
+            assert torch.get_num_threads() == threads  # the caller's count is restored
+    finally:
+        torch.set_num_threads(before)
+    assert out[0][:3] == out[1][:3] and torch.equal(out[0][3], out[1][3])
+
+
 def test_modality_gap():
     img = torch.nn.functional.normalize(torch.randn(50, 8) + torch.tensor([3.0] + [0] * 7), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(60, 8) - torch.tensor([3.0] + [0] * 7), dim=-1)
