@@ -51,6 +51,28 @@ class SinkhornResult:
     converged: torch.Tensor | None = None
 
 
+class ConvergenceTally:
+    """A running count of the Sinkhorn problems a method solved and of those that did not converge, for methods
+    that solve many (COLA per forward pass, fusion per layer) to report in their results beside what they
+    computed. ``tally.add(result)`` after each :func:`sinkhorn` call; ``tally.summary()`` ->
+    ``{"problems", "not_converged", "worst_error"}`` (the largest marginal violation of any returned plan)."""
+
+    def __init__(self):
+        self.problems, self.not_converged, self.worst_error = 0, 0, 0.0
+
+    def add(self, result: SinkhornResult) -> SinkhornResult:
+        ok = result.converged
+        self.problems += ok.numel()
+        self.not_converged += int((~ok).sum())
+        if ok.numel():
+            self.worst_error = max(self.worst_error, float(result.error.detach().max()))
+        return result
+
+    def summary(self) -> dict:
+        return {"problems": self.problems, "not_converged": self.not_converged,
+                "worst_error": float(f"{self.worst_error:.3g}")}
+
+
 def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor | None = None, *, reg: float,
              max_iter: int = 1000, tol: float | None = None, return_plan: bool = False,
              grad: str = "implicit", domain: str = "log") -> SinkhornResult:

@@ -114,6 +114,26 @@ def test_cola_is_differentiable_and_validates(tiny, task):
         COLA(tiny, torch.randn(2, 3, tiny.meta["embed_dim"]), COLAConfig(n_texts=4))
 
 
+def test_cola_reports_its_sinkhorn_convergence(tiny, task):
+    """Every OT problem COLA solves (B images x K classes per forward pass) is counted; starved of iterations at a
+    small reg its plans are not transport plans, and the tally says so instead of passing the costs as right."""
+    import warnings
+
+    x = task.tensors()[0][:4]
+    k = task.num_classes
+    good = cola_classifier(tiny, task, COLAConfig(n_views=3, n_texts=5, max_iter=2000))
+    with torch.no_grad():
+        good(x), good(x[:2])
+    assert good.ot.summary()["problems"] == 6 * k and good.ot.summary()["not_converged"] == 0
+    starved = cola_classifier(tiny, task, COLAConfig(n_views=3, n_texts=5, reg=1e-3, max_iter=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with torch.no_grad():
+            starved(x)
+    s = starved.ot.summary()
+    assert s["problems"] == 4 * k and s["not_converged"] > 0 and s["worst_error"] > 1e-3
+
+
 def test_distortion_and_margin_helpers():
     g = torch.Generator().manual_seed(0)
     clean, texts = torch.randn(4, 8, generator=g), torch.randn(5, 8, generator=g)

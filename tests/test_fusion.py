@@ -143,6 +143,24 @@ def test_whole_fusion_with_pot_plans_agrees():
             torch.testing.assert_close(ours.state[k], ref.state[k], atol=1e-6, rtol=0, msg=k)
 
 
+def test_fusion_reports_its_sinkhorn_convergence():
+    """Soft fusion counts every Sinkhorn problem it solved; starved of iterations at a small τ it reports the
+    problems that did not converge (their plans are not transport plans); hard fusion solves none."""
+    import warnings
+
+    a = _random_tower("rclip-tiny", 0)
+    models_ = [a, _noisy(permute_visual(a, heads=4, seed=1)[0], 0.2, seed=1)]
+    assert fuse_visual(models_, cfg=FusionConfig("hard"), heads=4).ot == {"problems": 0, "not_converged": 0,
+                                                                          "worst_error": 0.0}
+    good = fuse_visual(models_, cfg=FusionConfig("soft", reg=0.05, tol=1e-6), heads=4, dtype=torch.float64).ot
+    assert good["problems"] > 0 and good["not_converged"] == 0 and good["worst_error"] <= 1e-5
+    unrelated = [a, _random_tower("rclip-tiny", 1)]  # no near-permutation to find: Sinkhorn needs iterations
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        starved = fuse_visual(unrelated, cfg=FusionConfig("soft", reg=1e-3, max_iter=2), heads=4).ot
+    assert starved["problems"] > 0 and starved["not_converged"] > 0 and starved["worst_error"] > 1e-3
+
+
 def test_weights_reach_every_parameter_and_anchor_choice():
     a, b, c = (_random_tower("rclip-tiny", s) for s in (0, 1, 2))
     res = fuse_visual([a, b, c], [0.2, 0.3, 0.5], cfg=FusionConfig("none"), heads=4)

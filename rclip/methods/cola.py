@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rclip.errors import RClipError
-from rclip.ot import sinkhorn
+from rclip.ot import ConvergenceTally, sinkhorn
 
 
 @dataclass
@@ -125,6 +125,7 @@ class COLA(nn.Module):
             raise RClipError(f"reg (Sinkhorn ε) must be > 0, got {cfg.reg}")
         feats = _stack_texts(text_features, cfg.n_texts)                     # (K, M, D)
         self.bundle = bundle
+        self.ot = ConvergenceTally()  # every Sinkhorn problem solved, attacks' included: ``cola.ot.summary()``
         self.clip, self.normalize = bundle.model, bundle.normalize
         self.scale = float(bundle.model.logit_scale.detach().exp()) if scale is None else float(scale)
         feats = F.normalize(feats.float(), dim=-1).to(bundle.device)
@@ -166,7 +167,7 @@ class COLA(nn.Module):
         b = self.text_weights[None].expand(len(f), -1, -1)                     # (B, K, M)
         if not cfg.use_ot:
             return torch.einsum("bkn,bknm,bkm->bk", a, cost, b)
-        return sinkhorn(cost, a, b, reg=cfg.reg, max_iter=cfg.max_iter, tol=cfg.tol).cost
+        return self.ot.add(sinkhorn(cost, a, b, reg=cfg.reg, max_iter=cfg.max_iter, tol=cfg.tol)).cost
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Logits (B, K); ``generator`` draws the random views (default: a fresh one seeded by ``config.seed``,

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rclip.errors import RClipError
-from rclip.ot import sinkhorn
+from rclip.ot import ConvergenceTally, sinkhorn
 
 ALIGNMENTS = ("hard", "soft", "none")
 COST_SCALES = ("none", "max")
@@ -136,12 +136,15 @@ class FusionResult:
     plans: the same layers' transport plans T (K, n, n) (each row and column carries mass 1/n; None for residual
         maps, which are combinations, not plans).
     weights: the averaging weights used (K,), summing to 1. anchor: the anchor's index.
+    ot: the Sinkhorn problems solved for soft plans (:meth:`rclip.ot.ConvergenceTally.summary`: problems,
+        not_converged, worst_error); hard plans are exact assignments and count no problems.
     """
     state: dict[str, torch.Tensor]
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
     plans: dict[str, torch.Tensor | None] = field(default_factory=dict)
     weights: torch.Tensor | None = None
     anchor: int = 0
+    ot: dict = field(default_factory=lambda: ConvergenceTally().summary())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -156,8 +159,11 @@ def neuron_cost(features: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * a @ b.mT).clamp_(min=0)
 
 
-def transport_plans(cost: torch.Tensor, cfg: FusionConfig, solver: str = "rclip") -> torch.Tensor:
+def transport_plans(cost: torch.Tensor, cfg: FusionConfig, solver: str = "rclip",
+                    tally: ConvergenceTally | None = None) -> torch.Tensor:
     """Transport plans (K, n, n) for costs (K, n, n) between uniform measures (mass 1/n per neuron).
+
+    ``tally``: where the soft solves' convergence is counted (:class:`rclip.ot.ConvergenceTally`).
 
     ``solver="rclip"``: hard = ``scipy.optimize.linear_sum_assignment`` per problem, soft = one batched
     :func:`rclip.ot.sinkhorn` call. ``solver="pot"``: POT's ``ot.emd`` / ``ot.sinkhorn(method="sinkhorn_log")``
@@ -183,6 +189,8 @@ def transport_plans(cost: torch.Tensor, cfg: FusionConfig, solver: str = "rclip"
             plans[i, torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0 / n
         return plans
     res = sinkhorn(cost, reg=cfg.reg, max_iter=cfg.max_iter, tol=cfg.tol, return_plan=True)
+    if tally is not None:
+        tally.add(res)
     return res.plan.to(cost.dtype)
 
 
@@ -279,6 +287,7 @@ class _Aligner:
         self.cfg, self.solver, self.heads = cfg, solver, heads
         self.maps: dict[str, torch.Tensor] = {}
         self.plans: dict[str, torch.Tensor | None] = {}
+        self.ot = ConvergenceTally()
 
     def solve(self, name: str, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Map R (K, n, n) for neurons described by ``parts``: pairs (features (K, n, f), anchor's (n, f)).
@@ -290,7 +299,7 @@ class _Aligner:
 
     def solve_cost(self, name: str, cost: torch.Tensor) -> torch.Tensor:
         """Map R (K, n, n) for a cost (K, n, n); records it and its plan under ``name``."""
-        plan = transport_plans(cost, self.cfg, self.solver)
+        plan = transport_plans(cost, self.cfg, self.solver, self.ot)
         r = aligning_map(plan)
         self.plans[name], self.maps[name] = plan, r
         return r
@@ -379,14 +388,14 @@ def _head_maps(al: _Aligner, name: str, qk, v, heads: int):
     hard = FusionConfig(**{**vars(al.cfg), "alignment": "hard"})
     exact = [transport_plans(c.reshape(-1, dh, dh), hard, al.solver).reshape(c.shape) for c in costs]
     pair_cost = sum((p * c).sum((-2, -1)) for p, c in zip(exact, costs)) / 2           # (K, H, H)
-    head_plan = transport_plans(pair_cost, al.cfg, al.solver)
+    head_plan = transport_plans(pair_cost, al.cfg, al.solver, al.ot)
     plans = exact
     if al.cfg.alignment == "soft":
         keep = head_plan >= 1e-3 / heads**2
         plans = []
         for c in costs:
             p = torch.zeros_like(c)
-            p[keep] = transport_plans(c[keep], al.cfg, al.solver)
+            p[keep] = transport_plans(c[keep], al.cfg, al.solver, al.ot)
             plans.append(p)
     out = []
     for tag, pair_plans in zip(("qk", "v"), plans):
@@ -651,7 +660,8 @@ def fuse_visual(models: Sequence, weights: Sequence[float] | torch.Tensor | None
                 maps[name] = _with_anchor(r, anchor, others, 1.0)
                 plan = al.plans[name]
                 plans[name] = None if plan is None else _with_anchor(plan, anchor, others, 1.0 / plan.shape[-1])
-    return FusionResult(state=fused, maps=maps, plans=plans, weights=w, anchor=anchor)
+    return FusionResult(state=fused, maps=maps, plans=plans, weights=w, anchor=anchor,
+                        ot=(al.ot if others and al is not None else ConvergenceTally()).summary())
 
 
 def _stacked_activations(models, images, anchor, others, device, dtype):
