@@ -15,6 +15,22 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from rclip.errors import RClipError
 
 
+def read_json_file(path, what: str, expected: str):
+    """The JSON value in ``path`` (UTF-8, with or without a BOM). ``what`` names the file in words
+    ("descriptions file"), ``expected`` says what it must hold or what to give instead; both errors (no such file,
+    not JSON) name the file and say it."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise RClipError(f"{what} not found: {path}. Give {expected}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RClipError(f"{path} is not UTF-8 JSON ({exc}); give {expected}") from None
+
+
 class TransformedImages(Dataset):
     """Images read lazily by ``load(i) -> PIL.Image`` and turned into [0, 1] tensors by ``transform``."""
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from rclip.data.base import TransformedImages, ZeroShotTask
+from rclip.data.base import TransformedImages, ZeroShotTask, read_json_file
 from rclip.errors import RClipError
 
 #: Generic photo templates (used for every real dataset unless a dataset-specific list is given).
@@ -123,13 +123,8 @@ def _load_arrays(name: str, root: Path, split: str) -> tuple[np.ndarray, list[in
 def load_descriptions(path: str | Path, classnames: list[str]) -> list[list[str]]:
     """Class descriptions from a CuPL/AWT-format JSON ``{classname: [sentence, ...]}``, in class order."""
     path = Path(path)
-    if not path.is_file():
-        raise RClipError(f"descriptions file not found: {path}. Give a JSON {{classname: [sentence, ...]}} "
-                         "(the CuPL/AWT format), or leave descriptions out to use templates only.")
-    try:
-        table = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RClipError(f"{path} is not UTF-8 JSON ({exc}); give {{classname: [sentence, ...]}}") from None
+    table = read_json_file(path, "descriptions file", "a JSON {classname: [sentence, ...]} (the CuPL/AWT format), "
+                           "or leave descriptions out to use templates only.")
     if not isinstance(table, dict):
         raise RClipError(f"{path} must hold a JSON object {{classname: [sentence, ...]}}, not {type(table).__name__}")
     bad = [k for k, v in table.items() if not isinstance(v, list) or not all(isinstance(x, str) for x in v)]

@@ -11,14 +11,13 @@ Captions are lower-cased and stripped of punctuation, as the retrieval attacks' 
 """
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
-from rclip.data.base import RetrievalSet, TransformedImages
+from rclip.data.base import RetrievalSet, TransformedImages, read_json_file
 from rclip.errors import RClipError
 
 
@@ -29,13 +28,8 @@ def clean_caption(text: str, max_words: int = 30) -> str:
 
 
 def _entries(annotations: Path, split: str) -> list[tuple[str, list[str]]]:
-    if not annotations.is_file():
-        raise RClipError(f"retrieval annotations not found: {annotations}. Give the Karpathy split JSON "
-                         "(dataset_flickr30k.json / dataset_coco.json) or an ALBEF-style test JSON.")
-    try:
-        data = json.loads(annotations.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RClipError(f"{annotations} is not UTF-8 JSON ({exc})") from None
+    data = read_json_file(annotations, "retrieval annotations", "the Karpathy split JSON (dataset_flickr30k.json / "
+                          "dataset_coco.json) or an ALBEF-style test JSON.")
     out = []
     if isinstance(data, dict) and "images" in data:
         for k, im in enumerate(data["images"]):
