@@ -104,3 +104,19 @@ def test_karpathy_and_albef_retrieval(tmp_path):
         retrieval_dataset(albef, tmp_path / "img", pil_to_tensor)
     with pytest.raises(RClipError, match="annotations not found"):
         retrieval_dataset(tmp_path / "none.json", tmp_path / "img", pil_to_tensor)
+
+
+def test_json_user_files_accept_a_bom_and_name_the_file_when_broken(tmp_path):
+    desc = tmp_path / "desc.json"
+    desc.write_text(json.dumps({"cat": ["a small cat"], "dog": ["a dog"]}), encoding="utf-8-sig")   # with a BOM
+    assert load_descriptions(desc, ["cat", "dog"]) == [["a small cat"], ["a dog"]]
+    for bad in (b"{\"cat\": [", b"\xff\xfe not utf-8"):
+        desc.write_bytes(bad)
+        with pytest.raises(RClipError, match=f"{desc}.* is not UTF-8 JSON .*CuPL/AWT"):
+            load_descriptions(desc, ["cat", "dog"])
+        ann = tmp_path / "dataset_coco.json"
+        ann.write_bytes(bad)
+        with pytest.raises(RClipError, match=f"{ann}.* is not UTF-8 JSON .*Karpathy"):
+            retrieval_dataset(ann, tmp_path, pil_to_tensor)
+    with pytest.raises(RClipError, match="descriptions file not found: .*missing.json"):
+        load_descriptions(tmp_path / "missing.json", ["cat"])
