@@ -446,8 +446,9 @@ def run_book(profile: str, *, publish: bool = False, only: list[str] | None = No
         executed = site / "executed"
         try:
             (executed / "results").mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError) as exc:
-            raise RClipError(f"cannot write the run into {site}: {exc.filename} is a file, not a directory; give "
+        except (FileExistsError, NotADirectoryError):
+            blocker = next((p for p in (executed / "results", *(executed / "results").parents) if p.is_file()), None)
+            raise RClipError(f"cannot write the run into {site}: {blocker or site} is a file, not a directory; give "
                              f"--out a directory path") from None
     os.environ.setdefault("RCLIP_ROOT", str(root))
     skip = prof.get("skip") or {}

@@ -47,6 +47,9 @@ def recall_at_k(sim: torch.Tensor, txt2img: torch.Tensor, ks: Sequence[int] = (1
     """Recall@k in percent: ``{"i2t_R@1": ..., "t2i_R@1": ..., ...}`` and the mean of all of them, ``rsum/6``."""
     if sim.shape[1] != len(txt2img):
         raise RClipError(f"similarity has {sim.shape[1]} text columns but txt2img has {len(txt2img)} entries")
+    if sim.numel() == 0:
+        raise RClipError(f"recall needs at least one image and one caption; the similarity matrix is "
+                         f"{tuple(sim.shape)}")
     if torch.isnan(sim).any():
         raise RClipError("the similarity matrix contains NaN; check the embeddings")
     ri, rt = i2t_ranks(sim, txt2img), t2i_ranks(sim, txt2img)

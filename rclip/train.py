@@ -337,6 +337,7 @@ def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | P
     if resumed is not None:
         _check_resume(out, resumed[1].get("config") or {}, asdict(cfg), resumed[0])
         start, log = resumed
+        log["config"] = asdict(cfg)      # equal to the checkpoint's but for bookkeeping: record the values used now
         log["resumed_from"] = start
         log["stopped_early"] = False
     if start >= cfg.steps:

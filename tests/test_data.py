@@ -120,3 +120,19 @@ def test_json_user_files_accept_a_bom_and_name_the_file_when_broken(tmp_path):
             retrieval_dataset(ann, tmp_path, pil_to_tensor)
     with pytest.raises(RClipError, match="descriptions file not found: .*missing.json"):
         load_descriptions(tmp_path / "missing.json", ["cat"])
+
+
+def test_karpathy_sentence_without_text_and_bad_classnames_name_the_file(tmp_path):
+    ann = tmp_path / "dataset_coco.json"
+    ann.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "test", "sentences": [{"sentid": 1}]}]}))
+    with pytest.raises(RClipError, match=f"{ann}: a sentence of images\\[0\\] .*neither 'raw' nor 'tokens'"):
+        retrieval_dataset(ann, tmp_path, pil_to_tensor)
+    root = tmp_path / "folder"
+    (root / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "cat" / "0.png")
+    (root / "classnames.json").write_text("{not json")
+    with pytest.raises(RClipError, match="classnames.json is not UTF-8 JSON"):
+        zeroshot_dataset("imagefolder", root, pil_to_tensor)
+    (root / "classnames.json").write_text("[\"cat\"]")
+    with pytest.raises(RClipError, match="must hold a JSON object"):
+        zeroshot_dataset("imagefolder", root, pil_to_tensor)

@@ -115,7 +115,7 @@ def test_resume_refuses_changed_settings(tiny, tmp_path):
         fit(b, data, TrainConfig(**{**base, "steps": 1}), tmp_path, contrastive_step(b, 0, 1), progress=False)
     log = fit(b, data, TrainConfig(**{**base, "steps": 2, "log_every": 7}), tmp_path, contrastive_step(b, 0, 1),
               progress=False)                                  # bookkeeping may change
-    assert log["last_step"] == 2
+    assert log["last_step"] == 2 and log["config"]["log_every"] == 7   # the log states the settings asked for
     with pytest.raises(RClipError, match="ckpt_every must be at least 1"):
         TrainConfig(steps=2, ckpt_every=0)
 
@@ -174,7 +174,7 @@ def test_out_under_a_regular_file_is_a_clear_error(tmp_path):
     from rclip import book
 
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(RClipError, match="is a file, not a directory"):
+    with pytest.raises(RClipError, match=f": {tmp_path / 'afile'} is a file, not a directory"):
         book.run_book("smoke", only=["00_world"], out=tmp_path / "afile" / "site", build=False)
 
 

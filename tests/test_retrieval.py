@@ -50,3 +50,5 @@ def test_perfect_and_bad_inputs():
         retrieval.recall_at_k(sim.masked_fill(sim == 1, float("nan")), owners)
     with pytest.raises(RClipError, match="text columns"):
         retrieval.recall_at_k(sim, owners[:4])
+    with pytest.raises(RClipError, match="at least one image and one caption"):
+        retrieval.recall_at_k(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long))

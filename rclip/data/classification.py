@@ -8,7 +8,6 @@ fetches with torchvision where the machine has network).
 """
 from __future__ import annotations
 
-import json
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -191,7 +190,10 @@ def _imagefolder(root: Path, transform: Callable, descriptions, templates, limit
     if not folders:
         raise RClipError(f"{root} has no class sub-folders")
     names_file = root / "classnames.json"
-    mapping = json.loads(names_file.read_text(encoding="utf-8")) if names_file.is_file() else {}
+    mapping = (read_json_file(names_file, "class names file", "a JSON {folder: class name}, or remove it to "
+                              "name classes by their folders") if names_file.is_file() else {})
+    if not isinstance(mapping, dict):
+        raise RClipError(f"{names_file} must hold a JSON object {{folder: class name}}, not {type(mapping).__name__}")
     classes = [mapping.get(f, f.replace("_", " ")) for f in folders]
     files, labels = [], []
     for y, f in enumerate(folders):

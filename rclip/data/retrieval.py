@@ -40,6 +40,9 @@ def _entries(annotations: Path, split: str) -> list[tuple[str, list[str]]]:
                 raise RClipError(f"{annotations}: images[{k}] lacks 'filename' or 'sentences' (the Karpathy format "
                                  f"has both for every image)")
             rel = str(Path(im.get("filepath", "")) / im["filename"])
+            if not all(isinstance(sen, dict) and ("raw" in sen or "tokens" in sen) for sen in im["sentences"]):
+                raise RClipError(f"{annotations}: a sentence of images[{k}] ({im['filename']}) has neither 'raw' "
+                                 f"nor 'tokens' (the Karpathy format gives each sentence both)")
             caps = [sen["raw"] if "raw" in sen else " ".join(sen["tokens"]) for sen in im["sentences"]]
             out.append((rel, caps))
     elif isinstance(data, list):
