@@ -59,14 +59,40 @@ def code_revision() -> str | None:
         return None
 
 
+def cpu_description() -> dict:
+    """The CPU a run computed on: its model name (``/proc/cpuinfo``, else :func:`platform.processor`, else the
+    architecture) and the instruction set torch's CPU kernels dispatch to (``AVX512``, ``AVX2``, ...).
+
+    Recorded beside every published result because float kernels differ between CPU models (MKL and oneDNN pick
+    per-model code paths), and a training run amplifies their last-bit differences: the same code, seed, threads
+    and library versions give bit-identical results on one CPU model, not across models."""
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or platform.machine() or "unknown",
+            "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _machine_text(blob: dict) -> str:
+    cpu = blob.get("cpu")
+    what = f"{cpu['model']}, {cpu['capability']}" if isinstance(cpu, dict) else "CPU not recorded"
+    return f"{blob.get('revision')}, {blob.get('threads')} threads, {what}"
+
+
 class Run:
     """What a notebook records about itself. Made by :func:`start` at the top of a notebook; ``run.save(results)``
     at the end.
 
     ``results`` must be a JSON-serialisable dict of the notebook's key figures; it is written under the key
-    ``results``, apart from the run's metadata (``profile``, ``parameters``, ``seed``, ``device``, ``versions``,
-    ``revision``, ``wall_s``, ``timings``, ``artefacts``, ``inputs``), so two runs with the same profile, seed and device have identical
-    ``results``: nothing measured in seconds belongs in ``results``.
+    ``results``, apart from the run's metadata (``profile``, ``parameters``, ``seed``, ``device``, ``cpu``,
+    ``versions``, ``revision``, ``wall_s``, ``timings``, ``artefacts``, ``inputs``), so two runs with the same
+    profile, seed and device (on a CPU, the same CPU model) have identical ``results``: nothing measured in seconds
+    belongs in ``results``.
     """
 
     def __init__(self, notebook: str, profile: str, seed: int = 0, device: str = "auto",
@@ -120,7 +146,8 @@ class Run:
             "seed": self.seed,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-            else (platform.processor() or "cpu"),
+            else cpu_description()["model"],
+            "cpu": cpu_description(),
             "threads": torch.get_num_threads(),
             "versions": library_versions(),
             "revision": code_revision(),
@@ -404,10 +431,13 @@ def verify_book(profile: str = PUBLISHED_PROFILE, *, only: list[str] | None = No
             rerun = json.loads((Path(tmp) / "site" / "executed" / "results" / f"{name}.json").read_text("utf-8"))
             diffs = differences(published["results"], rerun["results"])
             print(f"[rclip verify] {name}: {'identical results' if not diffs else f'{len(diffs)} differences'} "
-                  f"(published at {published.get('revision')}, {published.get('threads')} threads; re-run "
-                  f"{rerun.get('revision')}, {rerun.get('threads')} threads)")
+                  f"(published at {_machine_text(published)}; re-run at {_machine_text(rerun)})")
             for where, a, b in diffs:
                 print(f"    {where}: published {a!r}, re-run {b!r}")
+            if diffs and published.get("cpu") != rerun.get("cpu"):
+                print(f"    the two runs did not compute on the same recorded CPU: float kernels differ between CPU "
+                      f"models and training amplifies the difference, so re-run on the CPU the published JSON "
+                      f"names (key 'cpu') to test reproducibility")
             failed += bool(diffs)
     return 1 if failed else 0
 

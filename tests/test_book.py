@@ -168,3 +168,35 @@ def test_sibling_results_keep_their_location_out_of_results(tmp_path):
         assert saved[-1]["inputs"] == {"00_world": {"path": str(out / "00_world.json"), "revision": "r1"}}
     assert saved[0]["results"] == saved[1]["results"]
     assert str(tmp_path) not in json.dumps(saved[0]["results"])
+
+
+def test_results_record_the_cpu_and_verify_names_a_cpu_change(tmp_path, monkeypatch, capsys):
+    """Float kernels differ between CPU models, so a published JSON names its CPU (model and the instruction set
+    torch dispatches to), and ``--verify`` says when its re-run computed on another CPU than the published run."""
+    import torch
+
+    blob = book.Run("01_cola", "smoke", results_path=str(tmp_path / "01_cola.json")).save({"x": 1})
+    assert blob["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(blob["cpu"]["model"], str) and blob["cpu"]["model"]
+    assert blob["device_name"] == blob["cpu"]["model"]
+
+    published = {"revision": "r0", "threads": 2, "cpu": {"model": "Other CPU", "capability": "AVX2"},
+                 "results": {"x": 1, "y": 2.0}}
+
+    def fake_run(profile, *, only, build, out, progress):   # the re-run: this machine, one figure moved
+        for name in only:
+            rerun = {**blob, "results": {"x": 1, "y": 2.5}}
+            (Path(out) / "executed" / "results").mkdir(parents=True, exist_ok=True)
+            (Path(out) / "executed" / "results" / f"{name}.json").write_text(json.dumps(rerun), "utf-8")
+        return 0
+
+    monkeypatch.setattr(book, "run_book", fake_run)
+    monkeypatch.setattr(book, "load_results", lambda name: published)
+    assert book.verify_book("world", only=["01_cola"], scratch=tmp_path) == 1
+    out = capsys.readouterr().out
+    assert "1 differences" in out and "y: published 2.0, re-run 2.5" in out
+    assert "Other CPU, AVX2" in out and "not compute on the same recorded CPU" in out
+
+    published["cpu"] = blob["cpu"]                            # same CPU: the difference stands without the remark
+    assert book.verify_book("world", only=["01_cola"], scratch=tmp_path) == 1
+    assert "same recorded CPU" not in capsys.readouterr().out

@@ -1,7 +1,6 @@
 import pickle
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -79,13 +78,14 @@ def test_bad_names_and_paths(tmp_path):
 def test_openai_weights_offline_fail_fast():
     code = ("import time, rclip.models as m\nt = time.time()\ntry:\n    m.load('ViT-B-32', 'openai')\n"
             "except m.RClipError as e:\n    print('ERR', e)\nprint('SECONDS', time.time() - t)\n")
-    t0 = time.time()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_home())})
-    elapsed = time.time() - t0
     assert "ERR pretrained weights for ViT-B-32 (pretrained='openai') are not in the local cache" in out.stdout, out
     assert "checkpoint=" in out.stdout and "HF_HOME" in out.stdout
-    assert elapsed < 10, elapsed
+    # the load itself fails at once; the interpreter's start (importing torch and open_clip, ~10 s in a fresh
+    # virtual environment whose bytecode is not yet compiled) is not part of it
+    elapsed = float(out.stdout.split("SECONDS")[1])
+    assert elapsed < 5, elapsed
 
 
 def tmp_home():
