@@ -81,6 +81,17 @@ class Setup:
         """``{label: eps}`` with ``"ref"`` as ``{task: eps}`` (for :func:`rclip.robustness.autoattack_correct`)."""
         return {**self.nominal, **({"ref": dict(self.reference)} if self.reference else {})}
 
+    def validation(self, n: int) -> dict:
+        """The same tasks on the world's validation split (``n`` images each), for choosing settings — never the
+        test split. Paper scale has no validation split here: it raises."""
+        from rclip import world
+
+        if self.scale != "world":
+            raise RClipError("validation tasks exist at world scale only; at paper scale use the published "
+                             "settings of the method being tuned")
+        return {t: world.zeroshot_task(t, split="val", n=n, resolution=task.meta["resolution"],
+                                       seed=task.meta["seed"]) for t, task in self.tasks.items()}
+
     def reference_text(self) -> str:
         """The reference budgets in words, e.g. ``"shape 2/255, colour 6/255"``."""
         if not self.reference:

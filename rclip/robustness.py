@@ -216,17 +216,23 @@ class Scores:
 
 
 def transfer_sets(victim: nn.Module, images: torch.Tensor, labels: torch.Tensor, budgets: dict[str, float], *,
-                  steps: int = 10, seed: int = 0, attacks: Sequence[str] = ("pgd", "cw"), kappa: float = 50.0
-                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                  steps: int = 10, seed: int = 0, attacks: Sequence[str] | dict[str, Sequence[str] | None] = ("pgd", "cw"),
+                  kappa: float = 50.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Clean images and their adversarial versions against ``victim`` ([0, 1] pixels -> logits), computed once so
     that every defense is scored on the same images (the COLA/TTC protocol: a transfer attack from the undefended
     model). attacks: ``"pgd"`` (cross-entropy) and/or ``"cw"`` (the CW margin with ``kappa``), ``steps`` steps of
-    ε/4 from a random start. Returns ``{"clean": (x, y), "PGD <budget>": (x_adv, y), "CW <budget>": ...}``."""
+    ε/4 from a random start, at every budget; or a dict attack -> the budget names it runs at (``None``: all).
+    Returns ``{"clean": (x, y), "PGD <budget>": (x_adv, y), "CW <budget>": ...}``."""
     from rclip.attacks.image import cw
 
+    where = dict(attacks) if isinstance(attacks, dict) else {a: None for a in attacks}
+    for attack, names in where.items():
+        unknown = sorted(set(names or ()) - set(budgets))
+        if unknown:
+            raise RClipError(f"{attack} budgets {unknown} are not among the budgets {sorted(budgets)}")
     sets = {"clean": (images, labels)}
     for name, eps in budgets.items():
-        for attack in attacks:
+        for attack in (a for a, names in where.items() if names is None or name in names):
             if attack == "pgd":
                 sets[f"PGD {name}"] = (pgd(victim, images, labels, eps, steps=steps, seed=seed), labels)
             elif attack == "cw":

@@ -224,3 +224,39 @@ def ot_margin(distances: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     true = distances.gather(1, labels[:, None]).squeeze(1)
     other = distances.masked_fill(F.one_hot(labels, distances.shape[1]).bool(), float("inf")).amin(1)
     return other - true
+
+
+def outside_share(vectors: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """The share (B,) of each vector's squared norm that lies outside span(U_C): ‖v − U_C U_Cᵀ v‖² / ‖v‖², for
+    vectors (B, D) and an orthonormal basis (D, C). What Π removes from an image feature, or from an adversarial
+    feature shift f(x_adv) − f(x); 0 when C is the full rank of D."""
+    v = vectors.double()
+    u = basis.double()
+    rest = v - (v @ u) @ u.T
+    return (rest.pow(2).sum(-1) / v.pow(2).sum(-1).clamp_min(1e-30)).to(vectors.dtype)
+
+
+def projection_shares(bundle, tasks: dict, clean: dict, adversarial: dict, components, config: COLAConfig
+                      ) -> "object":
+    """What the projection removes, per task and C: the mean share (%) of the clean image feature and of the
+    adversarial feature shift f(x_adv) − f(x) outside span(U_C), with U_C from the task's class text features
+    (COLA's ``config`` otherwise). clean / adversarial: task -> images (B, 3, H, W), paired. Components above a
+    task's text rank min(D, K·M) are skipped. Returns a DataFrame indexed by (task, C)."""
+    import pandas as pd
+    from dataclasses import replace
+
+    rows = {}
+    for t, task in tasks.items():
+        with torch.no_grad():
+            f, fa = bundle.encode_images(clean[t]).cpu(), bundle.encode_images(adversarial[t]).cpu()
+        texts = cola_classifier(bundle, task, replace(config, n_components=None)).texts.flatten(0, 1).cpu()
+        rank = min(texts.shape)
+        for c in components:
+            if c > rank:
+                continue
+            u = text_projection(texts, c)
+            rows[(t, c)] = {"text rank": rank, "clean feature outside (%)": 100 * float(outside_share(f, u).mean()),
+                            "adversarial shift outside (%)": 100 * float(outside_share(fa - f, u).mean())}
+    out = pd.DataFrame(rows).T
+    out.index.names = ["task", "C"]
+    return out

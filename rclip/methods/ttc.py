@@ -74,3 +74,87 @@ class TTC(nn.Module):
         countered, _ = self.counterattack(images)
         with torch.no_grad():
             return self.classifier(countered)
+
+
+def tau_statistic(classifier: nn.Module, images: torch.Tensor, config: TTCConfig | None = None,
+                  batch_size: int = 256) -> torch.Tensor:
+    """TTC's τ (B,) of each image: ‖f(x + δ0) − f(x)‖ / ‖f(x)‖ for its random δ0 ~ U[−ε, ε] (the counterattack's
+    budget and seed), without the counterattack itself."""
+    cfg = config or TTCConfig()
+    ttc = TTC(classifier, cfg)
+    out = []
+    with torch.no_grad(), fp32_eval(classifier):
+        for x in images.split(batch_size):   # TTC is called batch by batch, each call drawing from its own seed
+            gen = torch.Generator().manual_seed(cfg.seed)
+            x = x.float().to(next(classifier.buffers()).device)
+            delta0 = ((torch.rand(x.shape, generator=gen) * 2 - 1) * cfg.eps).to(x.device)
+            f0 = ttc._embed(x)
+            out.append(((ttc._embed((x + delta0).clamp(0, 1)) - f0).norm(dim=-1) / f0.norm(dim=-1)).cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class TTCSweep:
+    """The result of :func:`tune`: one row per candidate setting (mean top-1 over the validation tasks, clean and
+    under the attack tuned for, and the share of clean images TTC counterattacks), the chosen setting and the rule
+    that chose it."""
+    table: "object"       # pandas DataFrame
+    chosen: TTCConfig
+    chosen_label: str
+    rule: str
+    tau: dict             # median τ of clean and of attacked validation images, per task
+
+
+def tune(validation: dict, grid, *, condition: str, tau_quantiles=(None,), tolerance: float = 0.5,
+         seed: int = 0) -> TTCSweep:
+    """Choose TTC's counterattack budget, steps, step size and τ threshold on validation images.
+
+    validation: task -> (zero-shot classifier, {"clean": (x, y), condition: (x_adv, y), ...}), e.g. from
+    :func:`rclip.robustness.transfer_sets` on a validation split — never the test split. grid: dicts with ``eps``
+    and ``alpha`` in 1/255 units and ``steps``. tau_quantiles: thresholds to try, each ``None`` (TTC's own 0.2) or
+    a quantile q of τ over the clean validation images of all tasks (q = 1 counterattacks every image).
+    Rule: the highest mean top-1 under ``condition`` (the attack TTC is meant to withstand); among settings within
+    ``tolerance`` points of it, the highest clean top-1. Returns a :class:`TTCSweep`.
+    """
+    import pandas as pd
+
+    from rclip.errors import RClipError
+    from rclip.zeroshot import correct
+
+    if not validation or not grid:
+        raise RClipError("TTC tuning needs validation sets and at least one candidate setting")
+    for task, (_, sets) in validation.items():
+        if "clean" not in sets or condition not in sets:
+            raise RClipError(f"validation sets of {task} need 'clean' and {condition!r}; got {sorted(sets)}")
+    rows, configs, tau_medians = {}, {}, {}
+    for g in grid:
+        eps, steps, alpha = g["eps"] / 255, int(g["steps"]), g["alpha"] / 255
+        base = TTCConfig(eps=eps, steps=steps, alpha=alpha, seed=seed)
+        taus = {t: tau_statistic(clf, sets["clean"][0], base) for t, (clf, sets) in validation.items()}
+        pooled = torch.cat(list(taus.values()))
+        for q in tau_quantiles:
+            threshold = TTCConfig.tau_threshold if q is None else (
+                float("inf") if q >= 1 else float(torch.quantile(pooled, q)))
+            cfg = TTCConfig(eps=eps, steps=steps, alpha=alpha, tau_threshold=threshold, seed=seed)
+            label = (f"ε {g['eps']:g}, {steps} × {g['alpha']:g}, τ "
+                     + ("0.2 (TTC's)" if q is None else "all" if q >= 1 else f"q{q:g} ({threshold:.3f})"))
+            acc = {c: [] for c in ("clean", condition)}
+            for t, (clf, sets) in validation.items():
+                for c in acc:
+                    acc[c].append(100.0 * correct(TTC(clf, cfg), *sets[c]).float().mean().item())
+            rows[label] = {"ε (/255)": g["eps"], "steps": steps, "step (/255)": g["alpha"], "τ threshold": threshold,
+                           "counterattacked (%)": 100.0 * float((pooled < threshold).float().mean()),
+                           "clean": sum(acc["clean"]) / len(acc["clean"]),
+                           condition: sum(acc[condition]) / len(acc[condition])}
+            configs[label] = cfg
+    table = pd.DataFrame(rows).T
+    best = table[condition].max()
+    near = table[table[condition] >= best - tolerance]
+    label = near["clean"].astype(float).idxmax()
+    for t, (clf, sets) in validation.items():
+        cfg = configs[label]
+        tau_medians[t] = {"clean": float(tau_statistic(clf, sets["clean"][0], cfg).median()),
+                          condition: float(tau_statistic(clf, sets[condition][0], cfg).median())}
+    rule = (f"highest mean validation top-1 under {condition}; among settings within {tolerance:g} points of it, "
+            f"the highest clean top-1")
+    return TTCSweep(table, configs[label], label, rule, tau_medians)
