@@ -137,3 +137,26 @@ def test_eot_pgd_averages_over_draws(setup):
     adv = eot_pgd(Random(), x, y, eps, steps=3, eot=4)
     assert len(calls) == 12 and len(set(calls)) == 12  # a fresh draw for every sample of every step
     assert (adv - x).abs().max() <= eps + 1e-6
+
+
+def test_transfer_sets_run_each_attack_at_its_own_budgets(setup):
+    clf, x, y = setup
+    x, y = x[:6], y[:6]
+    budgets = {"1/255": 1 / 255, "4/255": 4 / 255}
+    sets = robustness.transfer_sets(clf, x, y, budgets, steps=2, attacks={"pgd": None, "cw": ["1/255"]})
+    assert list(sets) == ["clean", "PGD 1/255", "CW 1/255", "PGD 4/255"]
+    assert torch.equal(sets["CW 1/255"][0], cw(clf, x, y, 1 / 255, steps=2))
+    assert torch.equal(sets["PGD 4/255"][0], pgd(clf, x, y, 4 / 255, steps=2))
+    with pytest.raises(RClipError, match="2/255"):
+        robustness.transfer_sets(clf, x, y, budgets, attacks={"cw": ["2/255"]})
+
+
+def test_validation_tasks_are_the_same_tasks_on_the_validation_split(tiny):
+    from rclip.chapter import Setup
+
+    test = {"shape": world.zeroshot_task("shape", n=6, resolution=32)}
+    val = Setup("world", tiny, test, {}).validation(4)["shape"]
+    assert val.meta["split"] == "val" and len(val) == 4 and val.classnames == test["shape"].classnames
+    assert not torch.equal(val.tensors()[0], test["shape"].tensors(4)[0])
+    with pytest.raises(RClipError, match="world scale only"):
+        Setup("paper", tiny, test, {}).validation(4)

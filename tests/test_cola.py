@@ -164,3 +164,74 @@ def test_ttc_counterattacks_only_suspicious_inputs(tiny, task):
         assert (always._embed(countered) - f0).norm(dim=-1).mean() > (always._embed(out) - f0).norm(dim=-1).mean()
     with torch.no_grad():
         assert always(x).shape == (len(x), clf.num_classes)
+
+
+def test_tau_statistic_is_the_tau_ttc_computes_batch_by_batch(tiny, task):
+    from rclip.methods.ttc import tau_statistic
+
+    x, _ = task.tensors()
+    clf = zeroshot.zeroshot_classifier(tiny, task)
+    cfg = TTCConfig(eps=2 / 255, steps=1, alpha=1 / 255, seed=3)
+    for batch in (3, 8):
+        expected = torch.cat([TTC(clf, cfg).counterattack(xb)[1] for xb in x.split(batch)])
+        assert torch.equal(tau_statistic(clf, x, cfg, batch_size=batch), expected)
+
+
+def test_ttc_tuning_scores_every_setting_and_applies_its_rule(tiny, task):
+    """The sweep's numbers are TTC's top-1 computed directly, and the choice is the stated rule, checked by brute
+    force over the table: best under the attack, ties (within the tolerance) broken by clean top-1."""
+    from rclip import robustness
+    from rclip.methods.ttc import tune
+
+    x, y = task.tensors()
+    clf = zeroshot.zeroshot_classifier(tiny, task)
+    sets = robustness.transfer_sets(clf, x, y, {"1/255": 1 / 255}, steps=2, attacks=("pgd",))
+    validation = {"colour": (clf, sets)}
+    grid = [{"eps": 4, "steps": 2, "alpha": 1}, {"eps": 1, "steps": 1, "alpha": 1}]
+    sweep = tune(validation, grid, condition="PGD 1/255", tau_quantiles=(None, 0.5), tolerance=0.5)
+    assert len(sweep.table) == 4
+    for label, row in sweep.table.iterrows():
+        cfg = TTCConfig(eps=row["ε (/255)"] / 255, steps=int(row["steps"]), alpha=row["step (/255)"] / 255,
+                        tau_threshold=row["τ threshold"])
+        for cond in ("clean", "PGD 1/255"):
+            direct = 100 * zeroshot.correct(TTC(clf, cfg), *sets[cond]).float().mean().item()
+            assert row[cond] == pytest.approx(direct)
+    best = sweep.table["PGD 1/255"].max()
+    near = sweep.table[sweep.table["PGD 1/255"] >= best - 0.5]
+    assert sweep.chosen_label in near.index
+    assert sweep.table.loc[sweep.chosen_label, "clean"] == near["clean"].max()
+    q_rows = sweep.table[[("q0.5" in k) for k in sweep.table.index]]
+    assert (q_rows["counterattacked (%)"] == 50).all()           # the median threshold splits the 8 images
+    assert set(sweep.tau["colour"]) == {"clean", "PGD 1/255"}
+    with pytest.raises(RClipError, match="'PGD 4/255'"):
+        tune(validation, grid, condition="PGD 4/255")
+
+
+def test_outside_share_is_the_least_squares_residual():
+    from rclip.methods.cola import outside_share
+
+    g = torch.Generator().manual_seed(1)
+    texts = F.normalize(torch.randn(5, 3, 12, generator=g), dim=-1)
+    v = torch.randn(7, 12, generator=g, dtype=torch.float64)
+    for c in (1, 4, 9):
+        basis = text_projection(texts, c).double()
+        coef = np.linalg.lstsq(basis.numpy(), v.numpy().T, rcond=None)[0]
+        resid = v.numpy().T - basis.numpy() @ coef
+        expected = (resid ** 2).sum(0) / (v.numpy() ** 2).sum(1)
+        assert np.allclose(outside_share(v, basis).numpy(), expected)
+    assert torch.allclose(outside_share(v, text_projection(texts, None).double()), torch.zeros(7, dtype=torch.float64),
+                          atol=1e-12)
+
+
+def test_projection_shares_per_task_and_component(tiny, task):
+    from rclip.methods.cola import projection_shares
+
+    x, _ = task.tensors()
+    x_adv = (x + 0.03 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    cfg = COLAConfig(n_views=2, n_texts=3, n_components=4)
+    shares = projection_shares(tiny, {"colour": task}, {"colour": x}, {"colour": x_adv}, [2, 4, 10**6], cfg)
+    rank = int(shares["text rank"].iloc[0])
+    assert list(shares.index) == [("colour", 2), ("colour", 4)]          # components above the text rank skipped
+    assert rank == min(tiny.encode_images(x[:1]).shape[-1], task.num_classes * 3)
+    clean = shares["clean feature outside (%)"]
+    assert clean.loc[("colour", 2)] >= clean.loc[("colour", 4)] >= 0    # a larger span removes less

@@ -85,7 +85,10 @@ def test_chapter1_runs_at_paper_scale_on_stand_ins(inputs, tmp_path):
     assert res["scale"] == "paper" and res["tasks"] == ["cifar10"] and res["n_eval"] == 10
     assert res["reference_budgets_255"] == {}                  # the papers' radii only, no world reference
     assert {"CLIP | cifar10", "TTC | cifar10", "COLA | cifar10"} <= set(res["table1"])
-    assert {"clean", "PGD 1/255", "CW 1/255", "PGD 4/255", "CW 4/255"} <= set(res["table1"]["COLA | cifar10"])
+    assert {"clean", "PGD 1/255", "CW 1/255", "PGD 4/255"} <= set(res["table1"]["COLA | cifar10"])
+    assert "CW 4/255" not in res["table1"]["COLA | cifar10"]         # CW at the paper's 1/255 only
+    assert "COLA, plain cost C | cifar10" in res["table1"]
+    assert res["ttc"]["tau_threshold"] == 0.2 and "ttc_tuning" not in res   # no validation split: TTC's own setting
     assert set(res["table3_mean"]) == {"FARE", "FARE + TTC", "FARE + COLA"}
     assert all(c["verdict"] in ("reproduced", "not reproduced", "undecided", "untestable") for c in res["claims"])
     assert res["finetune"] == {}                               # loaded, not fine-tuned
