@@ -205,6 +205,8 @@ def test_ttc_tuning_scores_every_setting_and_applies_its_rule(tiny, task):
     assert set(sweep.tau["colour"]) == {"clean", "PGD 1/255"}
     with pytest.raises(RClipError, match="'PGD 4/255'"):
         tune(validation, grid, condition="PGD 4/255")
+    with pytest.raises(RClipError, match="eps, steps and alpha"):
+        tune(validation, [{"eps": 4, "steps": 2}], condition="PGD 1/255")
 
 
 def test_outside_share_is_the_least_squares_residual():

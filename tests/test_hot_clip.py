@@ -163,6 +163,12 @@ def test_chapter_helpers(tiny):
     again = hc.autoattack_scores({"CLIP": hc.measured(first, "CLIP", ["colour"], first.conditions)}, tasks, {}, steps=2)
     assert again.data.keys() == first.data.keys()
     assert all(np.array_equal(again.data[k], first.data[k]) for k in first.data)
+    head = {"colour": tasks["colour"].first(5)}                      # a smaller table on the first images
+    part = hc.autoattack_scores({"CLIP": hc.measured(first, "CLIP", ["colour"], first.conditions, limit=5)}, head, {},
+                                steps=2)
+    assert all(np.array_equal(part.data[k], first.data[k][:5]) for k in first.data)
+    fresh = hc.autoattack_scores({"CLIP": tiny}, head, {}, steps=2)      # the prefix is the same images, in order
+    assert np.array_equal(fresh.data[("CLIP", "colour", "clean")], first.data[("CLIP", "colour", "clean")][:5])
     s = Scores({"t": 2})
     s.add("a", "t", "clean", np.r_[np.ones(90), np.zeros(10)])
     s.add("b", "t", "clean", np.r_[np.ones(80), np.zeros(20)])

@@ -35,3 +35,27 @@ def test_task_validation():
     task = ZeroShotTask("t", ds, ["cat", "dog"], ["a {}."])
     with pytest.raises(RClipError, match="no class descriptions"):
         zeroshot.class_prompts(task, "descriptions")
+
+
+def test_first_images_of_a_task_are_a_prefix_of_it(tmp_path):
+    from torch.utils.data import Dataset
+
+    task = world.zeroshot_task("shape", n=12, resolution=32)
+    head = task.first(5)
+    assert len(head) == 5 and head.meta["n"] == 5 and head.classnames == task.classnames
+    assert head.meta["scenes"] == task.meta["scenes"][:5]
+    assert all(torch.equal(a, b) for a, b in zip(head.tensors(), task.tensors(5)))
+    assert torch.equal(world.zeroshot_task("shape", n=5, resolution=32).tensors()[0], head.tensors()[0])
+    assert task.first(50) is task
+    with pytest.raises(RClipError, match="at least one image"):
+        task.first(0)
+
+    class Listed(Dataset):                                          # a dataset that is not a TensorDataset
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return task.dataset[i]
+
+    other = ZeroShotTask("listed", Listed(), task.classnames, task.templates).first(4)
+    assert len(other) == 4 and torch.equal(other.tensors()[0], task.tensors(4)[0])

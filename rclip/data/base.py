@@ -88,6 +88,28 @@ class ZeroShotTask:
     def loader(self, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
         return DataLoader(self.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
+    def first(self, n: int) -> "ZeroShotTask":
+        """The same task on its first ``n`` images (all of them when it has fewer): a smaller evaluation whose
+        images are a prefix of the full one's, so per-image results of the two can be paired. A world task's
+        labels cycle through the classes, so a prefix stays balanced; a paper-scale task's evenly spaced images of
+        class-sorted folders do not (use all of them there)."""
+        from dataclasses import replace
+
+        if n < 1:
+            raise RClipError(f"a task needs at least one image; got n={n}")
+        if n >= len(self):
+            return self
+        ds = self.dataset
+        if isinstance(ds, TensorDataset):
+            sub = TensorDataset(*(t[:n] for t in ds.tensors))
+        else:
+            from torch.utils.data import Subset
+            sub = Subset(ds, range(n))
+        meta = {**self.meta, "n": n}
+        if isinstance(meta.get("scenes"), list):
+            meta["scenes"] = meta["scenes"][:n]
+        return replace(self, dataset=sub, meta=meta)
+
     def tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All (or the first ``limit``) images and labels as two tensors: (N, 3, H, W), (N,)."""
         ds = self.dataset

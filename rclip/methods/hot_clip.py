@@ -465,11 +465,13 @@ def fusion_only(cfg: HotClipConfig) -> HotClipConfig:
     return replace(cfg, intra=replace(cfg.intra, steps=0), inter=replace(cfg.inter, steps=0))
 
 
-def measured(scores, model: str, tasks: Sequence[str], conditions: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+def measured(scores, model: str, tasks: Sequence[str], conditions: Sequence[str], limit: int | None = None
+             ) -> dict[str, dict[str, np.ndarray]]:
     """What ``scores`` (a :class:`rclip.robustness.Scores`) holds of ``model`` on ``tasks`` under ``conditions``,
     as ``{task: {condition: (N,) 0/1}}`` — to put an encoder already evaluated into another table unchanged
-    (:func:`autoattack_scores`), rather than attack it a second time."""
-    return {t: {c: scores.data[(model, t, c)] / 100.0 for c in conditions if (model, t, c) in scores.data}
+    (:func:`autoattack_scores`), rather than attack it a second time. ``limit``: its first images only (a table
+    evaluated on :meth:`~rclip.data.base.ZeroShotTask.first` of the same tasks)."""
+    return {t: {c: scores.data[(model, t, c)][:limit] / 100.0 for c in conditions if (model, t, c) in scores.data}
             for t in tasks}
 
 

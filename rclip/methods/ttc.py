@@ -46,17 +46,22 @@ class TTC(nn.Module):
         clf = self.classifier
         return clf.clip.encode_image(clf.normalize(images), normalize=False)
 
+    def start(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random start δ0 (drawn from the config's seed), the clean embedding f(x) and τ (B,), for one batch x
+        of fp32 pixels. Call under ``torch.no_grad()`` and :func:`rclip.attacks.image.fp32_eval`."""
+        gen = torch.Generator().manual_seed(self.config.seed)
+        f0 = self._embed(x)
+        delta0 = ((torch.rand(x.shape, generator=gen) * 2 - 1) * self.config.eps).to(x.device)
+        delta0 = (x + delta0).clamp(0, 1) - x
+        return delta0, f0, (self._embed(x + delta0) - f0).norm(dim=-1) / f0.norm(dim=-1)
+
     def counterattack(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The counterattacked images (B, 3, S, S) and τ (B,) per image."""
         cfg = self.config
-        gen = torch.Generator().manual_seed(cfg.seed)
         x = images.detach().float()
         with torch.enable_grad(), fp32_eval(self.classifier):
             with torch.no_grad():
-                f0 = self._embed(x)
-                delta0 = ((torch.rand(x.shape, generator=gen) * 2 - 1) * cfg.eps).to(x.device)
-                delta0 = (x + delta0).clamp(0, 1) - x
-                tau = (self._embed(x + delta0) - f0).norm(dim=-1) / f0.norm(dim=-1)
+                delta0, f0, tau = self.start(x)
             delta, steps = delta0, []
             for _ in range(cfg.steps):
                 delta = delta.detach().requires_grad_(True)
@@ -80,17 +85,10 @@ def tau_statistic(classifier: nn.Module, images: torch.Tensor, config: TTCConfig
                   batch_size: int = 256) -> torch.Tensor:
     """TTC's τ (B,) of each image: ‖f(x + δ0) − f(x)‖ / ‖f(x)‖ for its random δ0 ~ U[−ε, ε] (the counterattack's
     budget and seed), without the counterattack itself."""
-    cfg = config or TTCConfig()
-    ttc = TTC(classifier, cfg)
-    out = []
-    with torch.no_grad(), fp32_eval(classifier):
-        for x in images.split(batch_size):   # TTC is called batch by batch, each call drawing from its own seed
-            gen = torch.Generator().manual_seed(cfg.seed)
-            x = x.float().to(next(classifier.buffers()).device)
-            delta0 = ((torch.rand(x.shape, generator=gen) * 2 - 1) * cfg.eps).to(x.device)
-            f0 = ttc._embed(x)
-            out.append(((ttc._embed((x + delta0).clamp(0, 1)) - f0).norm(dim=-1) / f0.norm(dim=-1)).cpu())
-    return torch.cat(out)
+    ttc = TTC(classifier, config or TTCConfig())
+    device = next(classifier.buffers()).device
+    with torch.no_grad(), fp32_eval(classifier):   # TTC is called batch by batch, each call drawing from its seed
+        return torch.cat([ttc.start(x.float().to(device))[2].cpu() for x in images.split(batch_size)])
 
 
 @dataclass
@@ -123,6 +121,10 @@ def tune(validation: dict, grid, *, condition: str, tau_quantiles=(None,), toler
 
     if not validation or not grid:
         raise RClipError("TTC tuning needs validation sets and at least one candidate setting")
+    for g in grid:
+        if not isinstance(g, dict) or set(g) != {"eps", "steps", "alpha"}:
+            raise RClipError(f"each TTC setting to try is a dict of eps, steps and alpha (eps and alpha x 1/255); "
+                             f"got {g!r}")
     for task, (_, sets) in validation.items():
         if "clean" not in sets or condition not in sets:
             raise RClipError(f"validation sets of {task} need 'clean' and {condition!r}; got {sorted(sets)}")
