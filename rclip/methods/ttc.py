@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from rclip.attacks.image import fp32_eval
+from rclip.errors import RClipError
 
 
 @dataclass
@@ -116,7 +117,6 @@ def tune(validation: dict, grid, *, condition: str, tau_quantiles=(None,), toler
     """
     import pandas as pd
 
-    from rclip.errors import RClipError
     from rclip.zeroshot import correct
 
     if not validation or not grid:
@@ -128,7 +128,7 @@ def tune(validation: dict, grid, *, condition: str, tau_quantiles=(None,), toler
     for task, (_, sets) in validation.items():
         if "clean" not in sets or condition not in sets:
             raise RClipError(f"validation sets of {task} need 'clean' and {condition!r}; got {sorted(sets)}")
-    rows, configs, tau_medians = {}, {}, {}
+    rows, configs, clean_taus, tau_medians = {}, {}, {}, {}
     for g in grid:
         eps, steps, alpha = g["eps"] / 255, int(g["steps"]), g["alpha"] / 255
         base = TTCConfig(eps=eps, steps=steps, alpha=alpha, seed=seed)
@@ -148,14 +148,14 @@ def tune(validation: dict, grid, *, condition: str, tau_quantiles=(None,), toler
                            "counterattacked (%)": 100.0 * float((pooled < threshold).float().mean()),
                            "clean": sum(acc["clean"]) / len(acc["clean"]),
                            condition: sum(acc[condition]) / len(acc[condition])}
-            configs[label] = cfg
+            configs[label], clean_taus[label] = cfg, taus        # τ depends on the budget and seed, not the threshold
     table = pd.DataFrame(rows).T
     best = table[condition].max()
     near = table[table[condition] >= best - tolerance]
     label = near["clean"].astype(float).idxmax()
     for t, (clf, sets) in validation.items():
         cfg = configs[label]
-        tau_medians[t] = {"clean": float(tau_statistic(clf, sets["clean"][0], cfg).median()),
+        tau_medians[t] = {"clean": float(clean_taus[label][t].median()),
                           condition: float(tau_statistic(clf, sets[condition][0], cfg).median())}
     rule = (f"highest mean validation top-1 under {condition}; among settings within {tolerance:g} points of it, "
             f"the highest clean top-1")
