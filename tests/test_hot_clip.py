@@ -192,6 +192,31 @@ def test_variant_and_self_match(tiny):
     assert all(0 < v <= 1 for v in shares.values()) and len(direct.weights) == 9
 
 
+def test_drift_measures_distance_and_alignment(tiny):
+    from rclip.methods.fusion import permute_visual
+
+    start = visual_state(tiny)
+    heads = hc._heads(tiny)
+    same = hc.drift(start, start, FusionConfig("hard"), heads)
+    assert same == {"weight_distance": 0.0, "self_match": 1.0}
+    # a neuron-permuted copy is the same function far away in weight space: OT maps it back, off the diagonal
+    perm, maps = permute_visual(start, heads, seed=1)
+    moved = hc.drift(start, perm, FusionConfig("hard"), heads)
+    assert moved["weight_distance"] > 0.5
+    # hard OT recovers the permutation, so each map's diagonal holds exactly the permutation's fixed points
+    fixed = {k: float((p == torch.arange(len(p))).float().mean()) for k, p in maps.items()}
+    names = ["residual"] * 3 + [f"{k}{i}" for i in range(len(tiny.model.visual.transformer.resblocks))
+                                for k in ("qk", "v", "mlp")]     # the fusion's maps: 3 residual ones, 3 per block
+    assert moved["self_match"] == pytest.approx(np.mean([fixed[n] for n in names]), abs=1e-6)
+    # a 4-step submodel records its drift after steps 2 and 4, cached with it and read back by a new pipeline
+    four = TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, ckpt_every=2, eval_every=2)
+    curve = _pipeline(tiny, submodel=four).drift_curve("pgd", "a photo of a {}.")
+    assert [p["step"] for p in curve] == [0, 2, 4] and curve[0]["self_match"] == 1.0
+    assert 0 < curve[1]["weight_distance"] < curve[2]["weight_distance"] < 0.5
+    assert all(0 < p["self_match"] <= 1 for p in curve)
+    assert _pipeline(tiny, submodel=four).drift_curve("pgd", "a photo of a {}.") == curve
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Paper scale: fail fast without inputs; the chapter end to end on stand-ins
 # ----------------------------------------------------------------------------------------------------------------

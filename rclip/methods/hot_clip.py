@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from rclip.attacks.image import fgsm, mim, pgd
 from rclip.cache import artefact_path, write_json
 from rclip.errors import RClipError
-from rclip.methods.fusion import FusionConfig, fuse_visual, self_match_share
+from rclip.methods.fusion import FusionConfig, fuse_visual, self_match_share, visual_state
 from rclip.methods.robust_finetune import (AdvFinetuneConfig, _zero_shot_logits, fare_step,
                                            freeze_all_but_image_encoder)
 from rclip.train import LossFn, TrainConfig, fit, save_tower, train_cached
@@ -54,7 +54,8 @@ STRATEGIES = ("average", "direct", "hierarchical")
 def _paper_schedule(steps: int) -> TrainConfig:
     """The paper's optimiser (AdamW, lr 1e-5, weight decay 0.01, batch 128) for ``steps`` steps."""
     return TrainConfig(steps=steps, batch_size=128, lr=1e-5, min_lr=1e-6, warmup_steps=max(1, steps // 20),
-                       weight_decay=0.01, grad_clip=1.0, ckpt_every=max(1, steps // 4))
+                       weight_decay=0.01, grad_clip=1.0, ckpt_every=max(1, steps // 4),
+                       eval_every=max(1, steps // 4))
 
 
 @dataclass(frozen=True)
@@ -270,30 +271,44 @@ class HotClip:
         return self.base.with_visual(state)
 
     # -- training ------------------------------------------------------------------------------------------------
-    def _finetune(self, state: dict | None, loss, train: TrainConfig, key: dict, what: str) -> tuple[Tower, dict]:
-        """Fine-tune a copy of the base with image tower ``state`` (None: the base's) by ``loss(bundle)``; cache."""
+    def _finetune(self, state: dict | None, loss, train: TrainConfig, key: dict, what: str,
+                  evaluate=None) -> tuple[Tower, dict]:
+        """Fine-tune a copy of the base with image tower ``state`` (None: the base's) by ``loss(bundle)``; cache.
+        ``evaluate(bundle) -> dict`` is recorded in the log every ``train.eval_every`` steps (``log["evals"]``)."""
         def run(run_dir):
             tuned = self.base.copy() if state is None else self.base.with_visual(state)
             self.residency.track(tuned.model.visual, what)
             freeze_all_but_image_encoder(tuned.model)
             return tuned, fit(tuned, self.dataset, train, run_dir, loss(tuned), module=tuned.model.visual,
-                              progress=self.progress, desc=what)
+                              progress=self.progress, desc=what, evaluate=evaluate)
 
         _, log, _ = train_cached("hot_clip", key, run, base=self.base, part="visual", root=self.cache_dir)
         return self.load(key, what), log
 
     def submodel(self, attack: str, template: str) -> Tower:
-        """M^(a, t): the base's image tower fine-tuned adversarially under ``attack`` with ``template``."""
+        """M^(a, t): the base's image tower fine-tuned adversarially under ``attack`` with ``template``. Every
+        ``cfg.submodel.eval_every`` steps its log records how far it has moved from the base (:func:`drift`)."""
         key = self.submodel_key(attack, template)
         what = f"submodel {attack} / {template!r}"
         if self.is_cached(key):
             return self.load(key, what)
         c = self.cfg
+        start = visual_state(self.base)
         tower, log = self._finetune(None, lambda b: submodel_step(b, self.class_weights(template), attack, c.eps,
                                                                   c.attack_steps, c.submodel.seed),
-                                    c.submodel, key, what)
+                                    c.submodel, key, what,
+                                    evaluate=lambda b: drift(start, b, c.fusion, _heads(self.base)))
         self.logs[what] = log
         return tower
+
+    def drift_curve(self, attack: str, template: str) -> list[dict]:
+        """How far submodel (``attack``, ``template``) moved from the base during its fine-tune: ``{"step",
+        "samples", "weight_distance", "self_match"}`` at step 0 and every ``cfg.submodel.eval_every`` steps
+        (:func:`drift`), trained first if it is not cached."""
+        self.submodel(attack, template)
+        log = self.cached_log(self.submodel_key(attack, template)) or {}
+        points = [{"step": 0, "samples": 0, "weight_distance": 0.0, "self_match": 1.0}]
+        return points + [{k: e[k] for k in points[0]} for e in log.get("evals", []) if "self_match" in e]
 
     def pool(self) -> list[tuple[str, str]]:
         """Train (or find cached) every submodel, one at a time; returns the (attack, template) pairs."""
@@ -401,13 +416,25 @@ class HotClip:
         return tower, {"peak_towers": r.peak, "peak_mb": round(r.peak_mb, 2), "events": list(r.log)}
 
 
+def drift(start: dict, tower, fusion: FusionConfig, heads: int) -> dict[str, float]:
+    """How far an image tower has moved from the tower ``start`` it was fine-tuned from: the relative ℓ2 distance of
+    all its weights, ‖θ − θ₀‖ / ‖θ₀‖, and the self-match share when OT (``fusion``) aligns it onto ``start``
+    (:func:`rclip.methods.fusion.self_match_share`: 1 = every neuron still maps onto itself, so OT fusion with
+    another fine-tune of the same start would be plain averaging)."""
+    state = visual_state(tower)
+    num = sum(float((state[k].float() - v.float()).pow(2).sum()) for k, v in start.items())
+    den = sum(float(v.float().pow(2).sum()) for v in start.values())
+    res = fuse_visual([start, state], cfg=fusion, heads=heads)
+    return {"weight_distance": float(np.sqrt(num / den)), "self_match": self_match_share(res)}
+
+
 def memory_profile(base, dataset, data_key: dict, classnames, templates, cfg: HotClipConfig) -> dict[str, dict]:
     """The number (and size) of image towers in memory at the peak of each strategy, measured by running the real
     pipeline from an empty, temporary cache with one optimisation step per stage (how many towers a step holds
     does not depend on how many steps it takes). Returns {strategy: {"peak_towers", "peak_mb", "events"}}."""
     import tempfile
 
-    one = replace(cfg.submodel, steps=1, warmup_steps=1, ckpt_every=1)
+    one = replace(cfg.submodel, steps=1, warmup_steps=1, ckpt_every=1, eval_every=0)
     small = replace(cfg, submodel=one, intra=one if cfg.intra.steps else replace(one, steps=0),
                     inter=one if cfg.inter.steps else replace(one, steps=0))
     with tempfile.TemporaryDirectory(prefix="rclip-hot-memory-") as tmp:
@@ -434,9 +461,9 @@ BASELINES = {"tecoa": "TeCoA", "fare": "FARE"}
 
 def schedule(steps: int, batch_size: int, lr: float, seed: int = 0) -> TrainConfig:
     """One stage's schedule: the paper's AdamW with weight decay 0.01, cosine from ``lr`` to lr / 10 after a 10 %
-    warm-up, four checkpoints. ``steps=0`` skips the stage."""
+    warm-up, four checkpoints and four records of a submodel's :func:`drift`. ``steps=0`` skips the stage."""
     return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10, warmup_steps=max(1, steps // 10),
-                       weight_decay=0.01, ckpt_every=max(1, steps // 4), seed=seed)
+                       weight_decay=0.01, ckpt_every=max(1, steps // 4), eval_every=max(1, steps // 4), seed=seed)
 
 
 def config(params: dict) -> HotClipConfig:
