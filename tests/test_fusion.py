@@ -127,6 +127,14 @@ def test_transport_plans_match_pot():
         np.testing.assert_allclose(hard[i].numpy(), emd, atol=1e-12)                  # the unique optimum
         pot_soft = ot.sinkhorn(u, u, c, 0.08, method="sinkhorn_log", stopThr=1e-12, numItermax=10000)
         np.testing.assert_allclose(soft[i].numpy(), pot_soft, atol=1e-9)
+    # related neurons (a permuted, noisy copy: each row's cheapest column is its match) beside unrelated ones (rows
+    # compete for columns): the first are read off the row minima, the others solved; both are POT's optimum
+    perm = torch.randperm(24, generator=g)
+    close = anchor[perm] + 0.05 * torch.randn(24, 10, generator=g, dtype=torch.float64)
+    mixed = torch.cat([neuron_cost(close[None], anchor), cost[:1]])
+    assert len(set(mixed[0].argmin(-1).tolist())) == 24 and len(set(mixed[1].argmin(-1).tolist())) < 24
+    for plan, c in zip(transport_plans(mixed, FusionConfig("hard")), mixed.numpy()):
+        np.testing.assert_allclose(plan.numpy(), ot.emd(u, u, c), atol=1e-12)
     scaled = transport_plans(cost, FusionConfig("soft", reg=0.08, cost_scale="max", tol=1e-12, max_iter=10000))
     c0 = cost[0].numpy()
     np.testing.assert_allclose(scaled[0].numpy(), ot.sinkhorn(u, u, c0 / c0.max(), 0.08, method="sinkhorn_log",

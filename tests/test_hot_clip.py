@@ -211,10 +211,13 @@ def test_drift_measures_distance_and_alignment(tiny):
     # a 4-step submodel records its drift after steps 2 and 4, cached with it and read back by a new pipeline
     four = TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, ckpt_every=2, eval_every=2)
     curve = _pipeline(tiny, submodel=four).drift_curve("pgd", "a photo of a {}.")
-    assert [p["step"] for p in curve] == [0, 2, 4] and curve[0]["self_match"] == 1.0
+    assert [p["step"] for p in curve] == [0, 2, 4] and curve[0] == {"step": 0, "samples": 0, **same}
     assert 0 < curve[1]["weight_distance"] < curve[2]["weight_distance"] < 0.5
     assert all(0 < p["self_match"] <= 1 for p in curve)
     assert _pipeline(tiny, submodel=four).drift_curve("pgd", "a photo of a {}.") == curve
+    silent = _pipeline(tiny, submodel=TrainConfig(steps=1, batch_size=8, lr=1e-3, warmup_steps=1, ckpt_every=1))
+    with pytest.raises(RClipError, match="without drift records"):
+        silent.drift_curve("fgsm", "a photo of a {}.")       # eval_every 0: no curve, said, not faked
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,7 +289,8 @@ def test_chapter2_runs_at_paper_scale_on_stand_ins(tmp_path, tiny, make_cifar10)
     assert res["reference_budgets_255"] == {}
     assert {f"{m} | cifar10" for m in ("CLIP", "TeCoA", "FARE", "HOT-CLIP")} <= set(res["table1"])
     assert set(res["table1"]["CLIP | cifar10"]) >= {"chance", "clean", "2/255", "4/255", "above chance"}
-    assert {"direct average", "direct OT fusion", "hierarchical OT, fusion only", "HOT-CLIP"} == set(res["table5_mean"])
+    assert {"direct average (model soup)", "direct OT fusion", "hierarchical OT, fusion only",
+            "HOT-CLIP"} == set(res["table5_mean"])
     assert set(res["table7_mean"]) == {"1 x 3", "2 x 3", "3 x 3", "3 x 1"} and len(res["table8_mean"]) == 2
     assert "towers" not in res                                           # the tower experiment is world-only
     assert set(res["memory"]) == {"average", "direct", "hierarchical"}

@@ -181,17 +181,33 @@ def transport_plans(cost: torch.Tensor, cfg: FusionConfig, solver: str = "rclip"
     if solver == "pot":
         return _pot_plans(cost, cfg)
     if cfg.alignment == "hard":
-        from scipy.optimize import linear_sum_assignment
-
-        plans = torch.zeros_like(cost)
-        for i, c in enumerate(cost.detach().double().cpu().numpy()):
-            rows, cols = linear_sum_assignment(c)
-            plans[i, torch.as_tensor(rows), torch.as_tensor(cols)] = 1.0 / n
-        return plans
+        return _assignment_plans(cost)
     res = sinkhorn(cost, reg=cfg.reg, max_iter=cfg.max_iter, tol=cfg.tol, return_plan=True)
     if tally is not None:
         tally.add(res)
     return res.plan.to(cost.dtype)
+
+
+def _assignment_plans(cost: torch.Tensor) -> torch.Tensor:
+    """Exact assignment plans (K, n, n), mass 1/n on each matched pair, for costs (K, n, n).
+
+    Where every row's cheapest column is a different column, those columns are the optimal assignment: any
+    assignment pays at least each row's minimum, and this one pays exactly that. Between related models (fine-tunes
+    of one model, permuted copies) that holds for most layers and costs one pass over the cost; the other problems
+    go to ``scipy.optimize.linear_sum_assignment``."""
+    from scipy.optimize import linear_sum_assignment
+
+    k, n, _ = cost.shape
+    c = cost.detach()
+    best = c.argmin(-1)                                                        # (K, n): each row's cheapest column
+    distinct = (best.sort(-1).values.diff(dim=-1) != 0).all(-1) if n > 1 else torch.ones(k, dtype=torch.bool)
+    source = best.clone()
+    for i in (~distinct).nonzero().flatten().tolist():
+        rows, cols = linear_sum_assignment(c[i].double().cpu().numpy())
+        source[i, torch.as_tensor(rows)] = torch.as_tensor(cols, device=source.device)
+    plans = torch.zeros_like(cost)
+    plans.scatter_(-1, source[..., None], 1.0 / n)
+    return plans
 
 
 def _pot_plans(cost: torch.Tensor, cfg: FusionConfig) -> torch.Tensor:
@@ -337,11 +353,15 @@ def cols(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 def _one_hot_columns(r: torch.Tensor) -> torch.Tensor | None:
     """For R whose every column holds one 1 and zeros (a hard map), the row index of each column's 1 (K, n);
-    else None. Gathering by it gives exactly what multiplying by R gives, in O(n) instead of O(n²) per vector."""
+    else None. Gathering by it gives exactly what multiplying by R gives, in O(n) instead of O(n²) per vector.
+    The answer is kept on the tensor (maps are never changed in place), so a map used many times is read once."""
+    known = getattr(r, "_rclip_one_hot", False)
+    if known is not False and getattr(r, "_rclip_one_hot_version", None) == r._version:
+        return known
     peak, source = r.max(dim=-2)
-    if bool((peak == 1).all()) and bool((r.sum(-2) == 1).all()):
-        return source
-    return None
+    out = source if bool((peak == 1).all()) and bool((r.sum(-2) == 1).all()) else None
+    r._rclip_one_hot, r._rclip_one_hot_version = out, r._version
+    return out
 
 
 def _embedding_parts(models, anchor):

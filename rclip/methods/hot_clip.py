@@ -304,11 +304,17 @@ class HotClip:
     def drift_curve(self, attack: str, template: str) -> list[dict]:
         """How far submodel (``attack``, ``template``) moved from the base during its fine-tune: ``{"step",
         "samples", "weight_distance", "self_match"}`` at step 0 and every ``cfg.submodel.eval_every`` steps
-        (:func:`drift`), trained first if it is not cached."""
+        (:func:`drift`), trained first if it is not cached. Step 0 is the base itself: distance 0 and share 1 by
+        definition (the identity map; soft OT of a tower onto itself blurs that by its entropy, ~2e-5 for the world
+        CLIP at τ 0.08). Raises if the cached log records no drift (a tower trained with ``eval_every=0``)."""
         self.submodel(attack, template)
         log = self.cached_log(self.submodel_key(attack, template)) or {}
+        later = [e for e in log.get("evals", []) if "self_match" in e]
+        if not later:
+            raise RClipError(f"submodel {attack} / {template!r} was cached without drift records (eval_every=0): "
+                             f"delete {self.path(self.submodel_key(attack, template))} and its .log.json to retrain")
         points = [{"step": 0, "samples": 0, "weight_distance": 0.0, "self_match": 1.0}]
-        return points + [{k: e[k] for k in points[0]} for e in log.get("evals", []) if "self_match" in e]
+        return points + [{k: e[k] for k in points[0]} for e in later]
 
     def pool(self) -> list[tuple[str, str]]:
         """Train (or find cached) every submodel, one at a time; returns the (attack, template) pairs."""

@@ -87,19 +87,16 @@ class _FrozenTextPairs(torch.utils.data.Dataset):
         return {"images": self.images[idx], "text": self.text[idx], "index": idx}
 
 
-_PAIRS: dict[str, _FrozenTextPairs] = {}
-
-
 def _lit_pairs(base, cfg: TowerConfig) -> _FrozenTextPairs:
+    """The experiment's pre-rendered pairs (the artefact cache's ``corpora``, :func:`rclip.data.pairs.cached_corpus`:
+    rendered once, checksummed, read back bit for bit) with their captions' frozen text embeddings."""
     from rclip import world
-    from rclip.cache import key_of
+    from rclip.data.pairs import cached_corpus
 
-    key = key_of({"base": base.meta.get("sha256"), "n": cfg.pairs, "res": cfg.resolution, "seed": cfg.data_seed})
-    if key not in _PAIRS:
-        batch = world.WorldPairs(cfg.pairs, split="train", resolution=cfg.resolution,
-                                 seed=cfg.data_seed).__getitems__(list(range(cfg.pairs)))
-        _PAIRS[key] = _FrozenTextPairs(batch["images"], base.encode_texts(batch["texts"]))
-    return _PAIRS[key]
+    pairs = world.WorldPairs(cfg.pairs, split="train", resolution=cfg.resolution, seed=cfg.data_seed)
+    corpus = cached_corpus(pairs, {"kind": "world_pairs", "n": cfg.pairs, "split": "train",
+                                   "resolution": cfg.resolution, "seed": cfg.data_seed})
+    return _FrozenTextPairs(corpus.images(), base.encode_texts(corpus.texts))
 
 
 def lit_step(bundle) -> LossFn:
