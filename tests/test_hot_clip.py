@@ -9,7 +9,7 @@ from rclip.errors import RClipError
 from rclip.methods import hot_clip as hc
 from rclip.methods import towers as tw
 from rclip.methods.fusion import FusionConfig, visual_state
-from rclip.methods.hot_clip import HotClip, HotClipConfig, Residency, Tower, adversarial_images
+from rclip.methods.hot_clip import HotClip, HotClipConfig, Residency, Tower, adversarial_images, memory_table
 from rclip.methods.towers import TowerConfig, barrier, independent_tower, interpolation_curve
 from rclip.robustness import Scores
 from rclip.train import TrainConfig
@@ -50,6 +50,17 @@ def test_strategies_count_towers_and_share_the_pool(tiny):
     assert info_avg["peak_towers"] == info_direct["peak_towers"] == 10
     assert info_h["peak_towers"] == 4 and info_h["peak_mb"] < info_direct["peak_mb"] / 2
     assert any("FARE" in e for e, _ in info_h["events"])
+    assert all(i["fusion_s"] > 0 for i in (info_avg, info_direct, info_h))          # each strategy fuses
+    secs = hc.finetune_seconds()
+
+    def log_s(key):
+        return hc.cached_log(key)["wall_s"]
+    assert secs["submodel pool"] == pytest.approx(sum(log_s(hc.submodel_key(a, t)) for a, t in pairs), abs=0.1)
+    assert secs["hierarchy's fine-tunes"] == pytest.approx(
+        sum(log_s(hc.intra_key(a)) for a in hc.cfg.attacks) + log_s(hc.hierarchical_key()), abs=0.1)
+    table = memory_table({"average": info_avg, "direct": info_direct, "hierarchical": info_h}, 3, 3, secs)
+    assert table.loc["hierarchical", "fine-tuning beyond the pool (s, this run's logs)"] == secs["hierarchy's fine-tunes"]
+    assert table.loc["average", "fine-tuning beyond the pool (s, this run's logs)"] == 0.0
     # a second pipeline with the same settings finds everything cached: nothing is trained again
     again = _pipeline(tiny)
     cached, _ = again.strategy("hierarchical")

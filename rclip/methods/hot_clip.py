@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -197,6 +198,7 @@ class HotClip:
         self.residency = Residency()
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.logs: dict[str, dict] = {}
+        self.fusion_s = 0.0                 # seconds spent fusing since the last Residency reset (:meth:`strategy`)
         self._base_key = base.meta.get("sha256") or base.meta.get("name")
         self._weights: dict[str, torch.Tensor] = {}
 
@@ -324,7 +326,9 @@ class HotClip:
         return pairs
 
     def _fuse(self, towers: list[Tower], what: str, cfg: FusionConfig | None = None):
+        start = time.perf_counter()
         res = fuse_visual(towers, cfg=cfg or self.cfg.fusion, heads=_heads(self.base))
+        self.fusion_s += time.perf_counter() - start
         return self.residency.track(Tower(res.state), what), res
 
     def intra(self, attack: str) -> Tower:
@@ -416,10 +420,23 @@ class HotClip:
         if name not in STRATEGIES:
             raise RClipError(f"unknown strategy {name!r}; choose one of {STRATEGIES}")
         self.residency.reset()
+        self.fusion_s = 0.0
         tower = {"average": lambda: self.direct("none"), "direct": lambda: self.direct("ot"),
                  "hierarchical": self.hierarchical}[name]()
         r = self.residency
-        return tower, {"peak_towers": r.peak, "peak_mb": round(r.peak_mb, 2), "events": list(r.log)}
+        return tower, {"peak_towers": r.peak, "peak_mb": round(r.peak_mb, 2), "fusion_s": round(self.fusion_s, 2),
+                       "events": list(r.log)}
+
+    def finetune_seconds(self) -> dict[str, float]:
+        """The training wall time this pipeline's cached artefacts record (their logs' ``wall_s``): the submodel
+        pool, which every strategy shares, and the hierarchy's L-level and V-level fine-tunes, which only it adds.
+        Zero for a stage that was skipped (``steps=0``) or is not cached."""
+        def wall(key):
+            return float((self.cached_log(key) or {}).get("wall_s", 0.0))
+
+        pool = sum(wall(self.submodel_key(a, t)) for a in self.cfg.attacks for t in self.templates_for(a))
+        tunes = sum(wall(self.intra_key(a)) for a in self.cfg.attacks) + wall(self.hierarchical_key())
+        return {"submodel pool": round(pool, 1), "hierarchy's fine-tunes": round(tunes, 1)}
 
 
 def drift(start: dict, tower, fusion: FusionConfig, heads: int) -> dict[str, float]:
@@ -547,13 +564,21 @@ def n_to_resolve(scores, a: str, b: str, condition: str, effect: float) -> int |
     return n_needed(effect, float(d.std(ddof=1) / np.sqrt(len(d))), len(d))
 
 
-def memory_table(memory: dict[str, dict], n_attacks: int, n_templates: int):
+def memory_table(memory: dict[str, dict], n_attacks: int, n_templates: int, finetune_s: dict | None = None):
     """The measured peaks of :func:`memory_profile` beside the paper's counts: |A|·|T| submodels + the result for
-    direct fusion (averaged or OT), max(|A|, |T|) + the result for the hierarchy."""
+    direct fusion (averaged or OT), max(|A|, |T|) + the result for the hierarchy; with each strategy's fusion time
+    and, given ``finetune_s`` (:meth:`HotClip.finetune_seconds` of the real pipeline), the fine-tuning time it adds
+    beyond the shared submodel pool."""
     import pandas as pd
 
     formula = {"average": n_attacks * n_templates + 1, "direct": n_attacks * n_templates + 1,
                "hierarchical": max(n_attacks, n_templates) + 1}
-    return pd.DataFrame({k: {"peak towers in memory (measured)": v["peak_towers"], "peak MB (measured)": v["peak_mb"],
-                             "the paper's count (|A|·|T| + 1 or max(|A|, |T|) + 1)": formula[k]}
-                         for k, v in memory.items()}).T
+    rows = {}
+    for k, v in memory.items():
+        rows[k] = {"peak towers in memory (measured)": v["peak_towers"], "peak MB (measured)": v["peak_mb"],
+                   "the paper's count (|A|·|T| + 1 or max(|A|, |T|) + 1)": formula[k],
+                   "fusion wall time (s, measured)": v.get("fusion_s", float("nan"))}
+        if finetune_s is not None:
+            rows[k]["fine-tuning beyond the pool (s, this run's logs)"] = \
+                finetune_s["hierarchy's fine-tunes"] if k == "hierarchical" else 0.0
+    return pd.DataFrame(rows).T
