@@ -424,7 +424,7 @@ class HotClip:
         tower = {"average": lambda: self.direct("none"), "direct": lambda: self.direct("ot"),
                  "hierarchical": self.hierarchical}[name]()
         r = self.residency
-        return tower, {"peak_towers": r.peak, "peak_mb": round(r.peak_mb, 2), "fusion_s": round(self.fusion_s, 2),
+        return tower, {"peak_towers": r.peak, "peak_mb": round(r.peak_mb, 2), "fusion_s": round(self.fusion_s, 4),
                        "events": list(r.log)}
 
     def finetune_seconds(self) -> dict[str, float]:
