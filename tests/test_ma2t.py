@@ -227,7 +227,7 @@ STUDY_PARAMS = dict(eps=2, eval_steps=1, text_budget=1, text_top_k=3, text_sourc
                     attack_sources=["lexicon"], train_steps=1, train_batch=4, train_optimizer="adamw", train_lr=1e-3,
                     train_warmup=1, train_attack_steps=1, bases=["mat_img"], augmentations=["human", "randaugment"],
                     figure3_base="mat_img", figure3_augmentations=["human"], figure3_counts=[0, 4], n_align=4,
-                    attack_batch=8, seed=0)
+                    attack_batch=8, seed=0, seeds=2, gap_steps=2, n_aug_eval=3)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +235,7 @@ def study(tiny):
     from rclip.methods.ma2t import RetrievalStudy
 
     return RetrievalStudy(tiny, world.retrieval_set(split="test", n=4, resolution=32),
-                          world.retrieval_set(split="train", n=3, resolution=32),
+                          world.retrieval_set(split="train", n=4, resolution=32),
                           WorldRetrievalPairs(8, split="train", resolution=32), {"n": 8, "test": "study"},
                           STUDY_PARAMS, scale="world", data="stand-ins", reference=("colour", 4 / 255))
 
@@ -264,16 +264,23 @@ def test_study_trains_and_evaluates_each_configuration_once(study, monkeypatch):
     study.table2(), study.table3(), study.figure3()
     rows = study.claims()
     assert len(evaluated) == len(set(evaluated)) and len(trained) == len(set(trained))
-    assert set(trained) == {"Fine-tune", "TeCoA", "MAT_Img", "MAT", "MAT + I2T(Human)", "MAT_Img + I2T(Human)",
-                            "MAT_Img + I2I(RA)"}
+    assert set(trained) == {"Fine-tune", "TeCoA", "MAT_Img", "MAT", "TeCoA (seed 1)", "MAT_Img (seed 1)",
+                            "MAT (seed 1)", "MAT (4 pairs, 2 steps)", "MAT + I2T(Human) (4 pairs, 2 steps)",
+                            "MAT_Img + I2T(Human)", "MAT_Img + I2I(RA)"}
+    # galleries: Table 2's test side as large as its training gallery; the augmentations on the first 3 test images
+    assert [len(study.gallery(s).images) for s in ("train", study.gap_split, study.aug_split)] == [4, 4, 3]
+    assert {e[1] for e in evaluated} == {id(study.test), id(study.train_eval), id(study.gallery("test:3"))}
     n_eval = len(evaluated)
     assert study.claims() == rows and len(evaluated) == n_eval                 # everything shared, nothing redone
     # the tables
-    assert ("ref 4/255", "SGA", "synonyms") in table.index and ("2/255", "SGA", "lexicon") in table.index
-    assert ("ref 4/255", "SGA", "lexicon") not in table.index
+    assert ("ref 4/255", "SGA", "synonyms") in table.index and ("2/255", "BERT-Attack", "lexicon") in table.index
+    assert ("2/255", "SGA", "lexicon") not in table.index          # other sources: BERT-Attack alone
     assert list(table.columns) == ["TR@1", "TR@5", "IR@1", "IR@5", "ASR TR@1", "ASR IR@1"]
     assert ("MAT", "SGA 2/255") in t1.index and ("Fine-tune", "clean") in t1.index
-    wide = m.wide(t1, ["clean", "SGA 2/255"])
+    assert t1.loc[("MAT", "clean"), "seeds"] == 2 and t1.loc[("Fine-tune", "clean"), "seeds"] == 1
+    per_seed = [study.evaluate(c, ["clean"])["clean"].recall()["TR@1"] for c in study.seeded(study.train_cfg("mat"))]
+    assert t1.loc[("MAT", "clean"), "TR@1"] == pytest.approx(np.mean(per_seed))
+    wide = m.wide(t1.drop(columns="seeds"), ["clean", "SGA 2/255"])
     assert list(wide.index) == ["Fine-tune", "TeCoA", "MAT_Img", "MAT"] and wide.shape[1] == 8
     # the claims: engine records; a failed precondition means untestable; the text-half claims carry the text threat
     for r in rows:
@@ -282,13 +289,17 @@ def test_study_trains_and_evaluates_each_configuration_once(study, monkeypatch):
     threat = [r["claim"] for r in rows if any(p["name"].startswith("BERT-Attack") for p in r["preconditions"])]
     assert sorted(threat) == sorted(f"MAT beats {o} under {a} (2/255)" for o in ("TeCoA", "MAT_Img")
                                     for a in ("Co-Attack", "SGA"))
+    half = [r for r in rows if any(p["name"].startswith("MAT − MAT_Img") for p in r["preconditions"])]
+    assert sorted(r["claim"] for r in half) == sorted(threat)
+    seeds = {r["claim"]: r["seeds"] for r in rows if r["claim"].startswith("MAT beats")}
+    assert seeds["MAT beats TeCoA under SGA (2/255)"] == 2 and seeds["MAT beats Fine-tune under SGA (2/255)"] == 1
     gap = next(r for r in rows if "train − test gap" in r["claim"])
-    assert gap["n"] == 3 and gap["preconditions"][0]["threshold"] == m.GAP_MIN
+    assert gap["n"] == 4 and gap["preconditions"][0]["threshold"] == m.GAP_MIN
     names = [r["claim"] for r in rows]
     assert "text augmentations beat image augmentations (pooled robust R@1)" in names
     assert "cross-modal augmentations beat intra-modal ones (pooled robust R@1)" in names
     assert not any("I2T vs T2T" in c for c in names)                     # no T2T augmentation was trained
-    assert sum("SGA is at least as strong as Co-Attack" in c for c in names) == 2     # one per text source
+    assert sum("SGA is at least as strong as Co-Attack" in c for c in names) == 1     # the threat model's source
 
 
 def test_study_per_image_scores_and_pooling(study):
@@ -296,8 +307,10 @@ def test_study_per_image_scores_and_pooling(study):
     rec = ev.recall()
     assert study.per_image(None, "clean").mean() == pytest.approx((rec["TR@1"] + rec["IR@1"]) / 2)
     robust = study.robust(study.train_cfg("mat_img", "human"))
-    assert robust == pytest.approx((study.per_image(study.train_cfg("mat_img", "human"), "co-attack")
-                                    + study.per_image(study.train_cfg("mat_img", "human"), "sga")) / 2)
+    split = study.aug_split
+    assert len(robust) == 3
+    assert robust == pytest.approx((study.per_image(study.train_cfg("mat_img", "human"), "co-attack", split=split)
+                                    + study.per_image(study.train_cfg("mat_img", "human"), "sga", split=split)) / 2)
     pooled = study.pooled(["human", "randaugment"])
     assert pooled == pytest.approx((robust + study.robust(study.train_cfg("mat_img", "randaugment"))) / 2)
     gains = study.gains()
@@ -314,8 +327,22 @@ def test_attack_success_and_the_text_threat_precondition(study):
     assert adv.per_image().tolist() == [75.0, 75.0, 25.0, 25.0]
     at_chance = Evaluation("clean", torch.tensor([0, 1, 2, 3]), torch.zeros(8, dtype=torch.long), groups, [])
     assert not at_chance.above_chance()["above"] and np.isnan(study.asr(at_chance, adv)["ASR TR@1"])
-    pre = study.text_threat()
-    assert pre.threshold == 20.0 and pre.relation == ">="
+    asr, kept = study.text_threat()
+    assert asr.threshold == 20.0 and asr.relation == ">="
+    assert kept.threshold == 100.0 and kept.value == 100.0      # the synonyms keep every caption true
+
+
+def test_gallery_prefix_and_pairs_prefix():
+    full = world.retrieval_set(split="test", n=5, resolution=16)
+    small = full.first(3)
+    ref = world.retrieval_set(split="test", n=3, resolution=16)
+    assert small.captions == ref.captions and small.img2txt == ref.img2txt
+    assert torch.equal(small.image_tensor(), ref.image_tensor()) and small.meta["specs"] == ref.meta["specs"]
+    assert full.first(9) is full
+    with pytest.raises(RClipError, match="at least one image"):
+        full.first(0)
+    pairs = WorldRetrievalPairs(8, split="train", resolution=16)
+    assert len(pairs.first(3)) == 3 and pairs.first(3).captions(2) == pairs.captions(2)
 
 
 def test_reference_budget_is_the_largest_of_chapter_0s(tmp_path):

@@ -145,3 +145,52 @@ def test_trimmed_text_encoder_equals_open_clip(tiny):
         full = tiny.text_features(tokens)
         assert torch.allclose(trimmed_text_features(tiny, tokens), full, atol=1e-5)
         assert torch.allclose(_embed(tiny, CAPTIONS, batch_size=2), full, atol=1e-5)  # sorted by length, batched
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The held-out ("unseen") substitutes: never in the world's captions, always read back as the same word
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_unseen_forms_are_held_out_of_pretraining_and_keep_their_meaning():
+    from rclip.world.language import HELD_OUT_SYNONYMS, held_out_forms, typos, word_meaning
+    from rclip.world.tasks import WorldPairs
+
+    pretraining = WorldPairs(3000, split="train", resolution=16)
+    seen = {w.strip(",").lower() for i in range(len(pretraining)) for w in pretraining.pair(i)[1].text.split()}
+    assert {"circle", "crimson", "two", "background"} <= seen               # the sample covers the vocabulary
+    for word in ["circle", "circles", "red", "crimson", "two", "large", "checkered", "background", "hexagons"]:
+        forms = held_out_forms(word)
+        assert forms and not set(forms) & seen, word                        # none of them ever written
+        assert all(word_meaning(f) == word_meaning(word) for f in forms), word
+    assert held_out_forms("red")[:3] == list(HELD_OUT_SYNONYMS["red"])        # held-out synonyms first
+    assert held_out_forms("circles")[:2] == ["disks", "orbs"]                 # plurals stay plural
+    assert word_meaning("disks") == "circles" and word_meaning("disk") == "circle" and word_meaning("3") == "three"
+    assert held_out_forms("left") == [] and word_meaning("left") is None      # words the world does not read
+    assert typos("blue") == ["bule"] and typos("red") == []                   # first and last letters kept
+    # a slip that spells an English word, or that two world words share, is not a readable misspelling
+    assert "pulses" not in held_out_forms("pluses") and word_meaning("pulses") is None
+
+
+def test_substitution_kinds_read_meaning_by_the_worlds_ground_truth():
+    from rclip.attacks.text import meaning_kept_share, substitution_kinds
+
+    orig = ["a red circle", "two large squares", "a red circle", "a red circle", "a red circle", "a red circle"]
+    adv = ["a ruby cirlce", "2 giant squares", "a blue circle", "a red circle", "a red zebra", "a red big circle"]
+    assert substitution_kinds(orig, adv) == ["meaning kept", "meaning kept", "meaning changed", "unchanged",
+                                             "other", "other"]
+    assert meaning_kept_share(orig, adv) == pytest.approx(50.0)
+
+
+def test_unseen_source_attack_keeps_every_caption_true(tiny):
+    from rclip.attacks.text import meaning_kept_share, rank_words, substitute_source
+
+    assert substitute_source("unseen").name == "unseen"
+    cfg = TextAttackConfig(source="unseen", budget=2)
+    adv = text_attack(tiny, CAPTIONS, cfg)
+    assert adv != CAPTIONS and meaning_kept_share(CAPTIONS, adv) == 100.0
+    # the word ranking depends on neither criterion nor guide: computed once, SGA's two passes give the same captions
+    g = F.normalize(torch.randn(len(CAPTIONS), tiny.meta["embed_dim"], generator=torch.Generator().manual_seed(1)),
+                    dim=-1)
+    guided = TextAttackConfig(source="unseen", criterion="guide")
+    assert text_attack(tiny, CAPTIONS, guided, guide=g, ranked=rank_words(tiny, CAPTIONS, guided)) == \
+        text_attack(tiny, CAPTIONS, guided, guide=g)

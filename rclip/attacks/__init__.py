@@ -7,11 +7,11 @@ from rclip.attacks.multimodal import (ATTACKS, RetrievalAttackConfig, RetrievalA
                                       attack_success, co_attack, evaluate_attack, evaluate_attacks, pgd_retrieval,
                                       recall_table, scaled_views, sga)
 from rclip.attacks.text import (STOPWORDS, LexiconSubstitutes, MaskedLMSubstitutes, TextAttackConfig,
-                                WordNetSubstitutes, substitute_source, substitution_kinds, text_attack,
-                                word_importance)
+                                UnseenSubstitutes, WordNetSubstitutes, meaning_kept_share, substitute_source,
+                                substitution_kinds, text_attack, word_importance)
 
 __all__ = ["pgd", "cw", "fgsm", "mim", "autoattack", "eot_pgd", "ascend", "margin_loss",
-           "STOPWORDS", "LexiconSubstitutes", "WordNetSubstitutes", "MaskedLMSubstitutes", "TextAttackConfig",
-           "substitute_source", "substitution_kinds", "text_attack", "word_importance",
+           "STOPWORDS", "LexiconSubstitutes", "UnseenSubstitutes", "WordNetSubstitutes", "MaskedLMSubstitutes",
+           "TextAttackConfig", "meaning_kept_share", "substitute_source", "substitution_kinds", "text_attack", "word_importance",
            "ATTACKS", "RetrievalAttackConfig", "RetrievalAttackResult", "attack_retrieval", "attack_success",
            "co_attack", "evaluate_attack", "evaluate_attacks", "pgd_retrieval", "recall_table", "scaled_views", "sga"]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from rclip.attacks.image import ascend, per_batch
-from rclip.attacks.text import TextAttackConfig, _embed, text_attack
+from rclip.attacks.text import TextAttackConfig, _embed, rank_words, text_attack
 from rclip.errors import RClipError
 from rclip.retrieval import i2t_ranks, recall_at_k, t2i_ranks
 
@@ -172,13 +172,14 @@ def sga(bundle, images: torch.Tensor, captions: Sequence[str], img2txt: Sequence
         owner[list(caps)] = i
     guided = replace(cfg.text, criterion="guide")
     clean = _image_embeddings(bundle, images, cfg.image_batch)
-    adv_caps = text_attack(bundle, captions, guided, guide=clean[owner.to(clean.device)])
+    ranked = rank_words(bundle, captions, guided)       # the same for both passes: computed once
+    adv_caps = text_attack(bundle, captions, guided, guide=clean[owner.to(clean.device)], ranked=ranked)
     with fp32_eval(bundle.model):
         txt = _embed(bundle, adv_caps, cfg.text.batch_size)
     own = _owner_matrix(img2txt, len(captions)).to(txt.device)
     adv = _similarity_descent(bundle, images, own @ txt, cfg, "sga", True, torch.Generator().manual_seed(cfg.seed))
     adv_emb = _image_embeddings(bundle, adv, cfg.image_batch)
-    adv_caps = text_attack(bundle, captions, guided, guide=adv_emb[owner.to(adv_emb.device)])
+    adv_caps = text_attack(bundle, captions, guided, guide=adv_emb[owner.to(adv_emb.device)], ranked=ranked)
     return adv, adv_caps
 
 

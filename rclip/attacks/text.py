@@ -14,7 +14,8 @@ For a batch of captions:
    * ``"l2"``    ‖e' - e_orig‖ - MA²T's Eq. 4 (adversarial texts for multimodal adversarial training);
    * ``"guide"`` -cos(e', g) for a guiding image embedding g per caption - SGA (lowest similarity to the image).
 
-Substitute sources are pluggable (:class:`LexiconSubstitutes`, the default and offline; :class:`WordNetSubstitutes`
+Substitute sources are pluggable (:class:`LexiconSubstitutes`, the default and offline; :class:`UnseenSubstitutes`,
+the world's meaning-preserving forms its CLIP never read; :class:`WordNetSubstitutes`
 when nltk's WordNet data is installed; :class:`MaskedLMSubstitutes` with local ``transformers`` weights). A source
 maps a batch of word lists to candidate lists per word, computed once from the original captions (as BERT-Attack
 reads its masked-LM predictions once from the clean text).
@@ -136,6 +137,21 @@ class LexiconSubstitutes(SubstituteSource):
         return result
 
 
+class UnseenSubstitutes(SubstituteSource):
+    """Meaning-preserving forms the world's captions never use (:func:`rclip.world.language.held_out_forms`):
+    held-out synonyms ("ruby" for red, "disk" for circle), digits for count words, then readable one-slip
+    misspellings ("cirlce"). The world CLIP never saw their tokens in pre-training, so it has not learned to read
+    them as their word - the attacker's analog of rare words and typos - yet every one still names the same thing,
+    so an adversarial caption made of them stays true of its image (:func:`substitution_kinds` checks it)."""
+
+    name = "unseen"
+
+    def candidates(self, words: list[str], position: int) -> list[str]:
+        from rclip.world.language import held_out_forms
+
+        return held_out_forms(words[position])
+
+
 class WordNetSubstitutes(SubstituteSource):
     """WordNet synonyms (the lemmas of every synset of the word), as EDA and MLM-free text attacks use them.
 
@@ -240,16 +256,20 @@ CRITERIA = ("kl", "l2", "guide")
 @lru_cache(maxsize=8)
 def substitute_source(name: str) -> SubstituteSource:
     """A source by name: ``"lexicon"`` (synonyms + related words, the default), ``"synonyms"`` (the lexicon's
-    meaning-preserving substitutes only), ``"wordnet"``, or ``"mlm:<local model dir or cached id>"``."""
+    meaning-preserving substitutes only), ``"unseen"`` (meaning-preserving forms held out of the world's captions:
+    :class:`UnseenSubstitutes`), ``"wordnet"``, or ``"mlm:<local model dir or cached id>"``."""
     if name == "lexicon":
         return LexiconSubstitutes()
     if name == "synonyms":
         return LexiconSubstitutes(related=False)
+    if name == "unseen":
+        return UnseenSubstitutes()
     if name == "wordnet":
         return WordNetSubstitutes()
     if name.startswith("mlm:"):
         return MaskedLMSubstitutes(name.removeprefix("mlm:"))
-    raise RClipError(f"unknown substitute source {name!r}; use 'lexicon', 'synonyms', 'wordnet' or 'mlm:<path>'")
+    raise RClipError(f"unknown substitute source {name!r}; use 'lexicon', 'synonyms', 'unseen', 'wordnet' or "
+                     f"'mlm:<path>'")
 
 
 @dataclass
@@ -338,6 +358,12 @@ def _importance(bundle, captions: list[str], mask: str, batch_size: int) -> tupl
     return orig, list(scores.split([len(w) for w in words]))
 
 
+def rank_words(bundle, captions: Sequence[str], cfg: TextAttackConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the captions' embeddings (N, D), per caption its words' importance): what :func:`text_attack` ranks words
+    by, reusable across attacks on the same captions with the same model (``ranked=``)."""
+    return _importance(bundle, list(captions), cfg.mask, cfg.batch_size)
+
+
 def word_importance(bundle, captions: Sequence[str], mask: str = "[UNK]", batch_size: int = 512
                     ) -> list[torch.Tensor]:
     """Per caption, the KL shift of its embedding when each whitespace word is masked: a list of (n_words,) CPU
@@ -346,7 +372,8 @@ def word_importance(bundle, captions: Sequence[str], mask: str = "[UNK]", batch_
 
 
 def text_attack(bundle, captions: Sequence[str], cfg: TextAttackConfig | None = None, *,
-                guide: torch.Tensor | None = None, source: SubstituteSource | None = None) -> list[str]:
+                guide: torch.Tensor | None = None, source: SubstituteSource | None = None,
+                ranked: tuple[torch.Tensor, list[torch.Tensor]] | None = None) -> list[str]:
     """Adversarial captions by word substitution (see the module docstring).
 
     Args:
@@ -355,6 +382,9 @@ def text_attack(bundle, captions: Sequence[str], cfg: TextAttackConfig | None = 
         cfg: budget, top_k, criterion, mask token, stopwords, text batch size.
         guide: (N, D) image embeddings, one per caption, for ``criterion="guide"`` (SGA); unit-normalised here.
         source: a substitute source object; default ``substitute_source(cfg.source)``.
+        ranked: the captions' embeddings and word importances when already computed (:func:`rank_words` of the
+            same model, captions and ``cfg``); they depend on neither the criterion nor the guide, so SGA's two
+            guided passes share one.
     Returns: N adversarial captions; a caption with no substitutable word comes back unchanged.
     """
     from rclip.attacks.image import fp32_eval
@@ -376,7 +406,7 @@ def text_attack(bundle, captions: Sequence[str], cfg: TextAttackConfig | None = 
     parts = [[_split_word(t) for t in ws] for ws in tokens]
     cores = [[p[1] for p in ps] for ps in parts]
     candidates = source(cores, cfg.top_k)
-    reference, importance = _importance(bundle, captions, cfg.mask, cfg.batch_size)
+    reference, importance = ranked if ranked is not None else rank_words(bundle, captions, cfg)
 
     def eligible(i: int, j: int) -> list[str]:
         core = cores[i][j].lower()
@@ -415,22 +445,39 @@ def text_attack(bundle, captions: Sequence[str], cfg: TextAttackConfig | None = 
     return [" ".join(ws) for ws in current]
 
 
-def substitution_kinds(originals: Sequence[str], adversarial: Sequence[str], lexicon=None) -> list[str]:
-    """What each attack did to its caption, by the lexicon's ground truth: ``"unchanged"``, ``"synonym"`` (every
-    changed word has the same meaning: the caption stays true), ``"related"`` (some word became a different member of
-    its category: another colour, shape, size or texture, so the caption is no longer true of its image), or
-    ``"other"`` (a word outside the lexicon)."""
-    src = LexiconSubstitutes(lexicon)
+KINDS = ("meaning kept", "meaning changed", "other", "unchanged")
+
+
+def substitution_kinds(originals: Sequence[str], adversarial: Sequence[str]) -> list[str]:
+    """What each attack did to its caption, read by the world's ground truth of word meaning
+    (:func:`rclip.world.language.word_meaning`): ``"unchanged"``; ``"meaning kept"`` (every changed word reads as
+    the same shape, colour, size, texture, count or other world word as the one it replaced - a synonym, seen in
+    pre-training or held out of it, a digit, or an unambiguous misspelling: the caption stays true of its image);
+    ``"meaning changed"`` (some word now names a different member of the world's vocabulary, e.g. another colour:
+    the caption is false of its image); ``"other"`` (a word the world does not read). Captions are compared word by
+    word; a caption whose word count changed is ``"other"``."""
+    from rclip.world.language import word_meaning
+
     kinds = []
     for orig, adv in zip(originals, adversarial):
-        pairs = [(_split_word(a)[1].lower(), _split_word(b)[1].lower()) for a, b in zip(orig.split(), adv.split())
-                 if a != b]
+        o, a = orig.split(), adv.split()
+        if len(o) != len(a):
+            kinds.append("other")
+            continue
+        pairs = [(word_meaning(_split_word(x)[1]), word_meaning(_split_word(y)[1])) for x, y in zip(o, a) if x != y]
         if not pairs:
             kinds.append("unchanged")
-        elif all(b in src.synonyms(a) for a, b in pairs):
-            kinds.append("synonym")
-        elif any(b in src.candidates([a], 0) for a, b in pairs):
-            kinds.append("related")
+        elif all(m is not None and m == n for m, n in pairs):
+            kinds.append("meaning kept")
+        elif all(m is not None and n is not None for m, n in pairs):
+            kinds.append("meaning changed")
         else:
             kinds.append("other")
     return kinds
+
+
+def meaning_kept_share(originals: Sequence[str], adversarial: Sequence[str]) -> float:
+    """Percent of adversarial captions still true of their image: unchanged, or every change keeps its word's
+    meaning (:func:`substitution_kinds`)."""
+    kinds = substitution_kinds(originals, adversarial)
+    return 100.0 * sum(k in ("meaning kept", "unchanged") for k in kinds) / max(1, len(kinds))

@@ -47,6 +47,15 @@ class TransformedImages(Dataset):
         return img if self.labels is None else (img, self.labels[i])
 
 
+def _prefix(ds: Dataset, n: int) -> Dataset:
+    """The first ``n`` items of ``ds`` (a sliced :class:`TensorDataset`, else a :class:`Subset`)."""
+    if isinstance(ds, TensorDataset):
+        return TensorDataset(*(t[:n] for t in ds.tensors))
+    from torch.utils.data import Subset
+
+    return Subset(ds, range(n))
+
+
 @dataclass
 class ZeroShotTask:
     """A zero-shot classification task.
@@ -99,16 +108,10 @@ class ZeroShotTask:
             raise RClipError(f"a task needs at least one image; got n={n}")
         if n >= len(self):
             return self
-        ds = self.dataset
-        if isinstance(ds, TensorDataset):
-            sub = TensorDataset(*(t[:n] for t in ds.tensors))
-        else:
-            from torch.utils.data import Subset
-            sub = Subset(ds, range(n))
         meta = {**self.meta, "n": n}
         if isinstance(meta.get("scenes"), list):
             meta["scenes"] = meta["scenes"][:n]
-        return replace(self, dataset=sub, meta=meta)
+        return replace(self, dataset=_prefix(self.dataset, n), meta=meta)
 
     def tensors(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All (or the first ``limit``) images and labels as two tensors: (N, 3, H, W), (N,)."""
@@ -151,6 +154,22 @@ class RetrievalSet:
         if isinstance(ds, TensorDataset):
             return ds.tensors[0]
         return torch.stack([ds[i] for i in range(len(ds))])
+
+    def first(self, n: int) -> "RetrievalSet":
+        """The gallery of its first ``n`` images with all their captions (itself when it has no more): a smaller
+        gallery whose images are a prefix of the full one's, so per-image results on the two line up by index."""
+        if n < 1:
+            raise RClipError(f"a gallery needs at least one image; got n={n}")
+        if n >= len(self.images):
+            return self
+        sub = _prefix(self.images, n)
+        groups = [[self.captions[t] for t in self.img2txt[i]] for i in range(n)]
+        meta = {**self.meta, "n": n}
+        n_caps = sum(len(g) for g in groups)
+        for key, size in (("scenes", n), ("specs", n_caps)):
+            if isinstance(meta.get(key), list):
+                meta[key] = meta[key][:size]
+        return RetrievalSet.from_groups(self.name, sub, groups, scale=self.scale, meta=meta)
 
     @staticmethod
     def from_groups(name: str, images: Dataset, groups: Sequence[Sequence[str]], **kw) -> "RetrievalSet":

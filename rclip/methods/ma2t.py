@@ -71,6 +71,13 @@ class WorldRetrievalPairs(Dataset):
     def __len__(self) -> int:
         return self.n
 
+    def first(self, n: int) -> "WorldRetrievalPairs":
+        """The first ``n`` pairs (the same images and captions)."""
+        if n >= self.n:
+            return self
+        return WorldRetrievalPairs(n, split=self.split, resolution=self.resolution, seed=self.seed,
+                                   captions_per_image=self.captions_per_image)
+
     def _make(self, i: int):
         from rclip.world import captions_for, sample_scene, scene_rng
 
@@ -115,6 +122,10 @@ class RetrievalSetPairs(Dataset):
     def __len__(self) -> int:
         return len(self.rset.images)
 
+    def first(self, n: int) -> "RetrievalSetPairs":
+        """The first ``n`` pairs (the same images and captions)."""
+        return self if n >= len(self) else RetrievalSetPairs(self.rset.first(n), self.synonyms)
+
     def captions(self, i: int) -> list[str]:
         return [self.rset.captions[t] for t in self.rset.img2txt[int(i)]]
 
@@ -135,13 +146,14 @@ class RetrievalSetPairs(Dataset):
 class MA2TConfig:
     """method: one of :data:`METHODS`. augment / n_aug / select: MA²T's augmentation (``None`` = none), points per
     pair, and which made points are used (``"first"``, or ``"aligned"``: the most aligned in the starting CLIP's
-    space, the paper's "top" of Figure 3). eps / attack_steps / alpha: the inner L-inf PGD ([0, 1] units; alpha
+    space, the paper's "top" of Figure 3). n_pairs: train on the first n_pairs pairs only (``None``: all). eps / attack_steps / alpha: the inner L-inf PGD ([0, 1] units; alpha
     default 2.5 eps / attack_steps, i.e. eps / 4 at 10 steps). text: the inner text attack of ``mat`` (Eq. 4: criterion ``l2``, one word). train: optimiser
     and schedule (the paper: 5000 steps, batch 128, SGD, lr 1e-4 cosine, weight decay 1e-4)."""
     method: str
     augment: str | None = None
     n_aug: int = 4
     select: str = "first"
+    n_pairs: int | None = None
     eps: float = 2 / 255
     attack_steps: int = 10
     alpha: float | None = None
@@ -220,6 +232,10 @@ def training_set(bundle, pairs, cfg: MA2TConfig):
     """The dataset ``cfg`` trains on: ``pairs`` itself, or :class:`~rclip.augment.AugmentedPairs` over it."""
     from rclip.augment import AugmentedPairs, aligned_order
 
+    if cfg.n_pairs is not None:
+        if cfg.n_pairs < 1:
+            raise RClipError(f"n_pairs must be positive, got {cfg.n_pairs}")
+        pairs = pairs.first(cfg.n_pairs)
     if not cfg.augment:
         return pairs
     if cfg.select not in ("first", "aligned"):
@@ -293,6 +309,9 @@ TEXT_THREAT_ASR = 20.0
 #: MAT's train − test gap (points, R@5 under Co-Attack, mean of TR and IR) below which there is no overfitting for
 #: MA²T to narrow (the paper's is 26.8)
 GAP_MIN = 10.0
+#: the Table 1 defenses trained with every seed of the ``seeds`` parameter (Fine-tune, the undefended reference
+#: point, once)
+SEEDED = ("TeCoA", "MAT_Img", "MAT")
 #: "SGA is at least as strong as Co-Attack": SGA's per-image R@1 may exceed Co-Attack's by at most this (points)
 SGA_TOLERANCE = 2.0
 R1_METRIC = "per-image R@1 (mean of its TR@1 hit and its captions' IR@1 hits, %)"
@@ -378,12 +397,16 @@ class RetrievalStudy:
         self.nominal = f"{self.p['eps']:g}/255"
         self.budgets = {self.nominal: self.eps}
         self.reference, self.reference_source = reference, reference_source
-        if reference:
-            self.budgets[self.ref_label] = reference[1]
+        if reference and (self.p.get("ref_budget_attacks", True) or self.p.get("ref_budget_table1")):
+            self.budgets[self.ref_label] = reference[1]     # attacked only where asked for
         self.source = self.p["text_source"]
         self.sources = list(dict.fromkeys([*self.p["attack_sources"], self.source]))
+        if self.p.get("gap_steps") and len(train_eval.images) < int(self.p["train_batch"]):
+            raise RClipError(f"Table 2's overfitting regime trains on the {len(train_eval.images)} images of the "
+                             f"training gallery (n_train_eval), fewer than one batch of {self.p['train_batch']}: "
+                             f"raise n_train_eval or lower train_batch")
         self.bases, self.augmentations = list(self.p["bases"]), list(self.p["augmentations"])
-        self.trained, self.logs, self._evals = {}, {}, {}
+        self.trained, self.logs, self._evals, self._galleries = {}, {}, {}, {}
 
     # -- settings --------------------------------------------------------------------------------------------------
     @property
@@ -405,28 +428,51 @@ class RetrievalStudy:
                                                            source=source or self.source))
 
     def train_cfg(self, method: str, augment: str | None = None, n_aug: int = 4, select: str = "first",
-                  adversary: str | None = None) -> MA2TConfig:
+                  adversary: str | None = None, seed: int | None = None, steps: int | None = None,
+                  n_pairs: int | None = None) -> MA2TConfig:
         """The training settings of ``method`` (+ ``augment``): the ``train_*`` parameters, the inner PGD at the
-        nominal budget, MAT's text adversary ``adversary`` (default the text threat model)."""
+        nominal budget, MAT's text adversary ``adversary`` (default the text threat model), training seed ``seed``
+        (default the run's ``seed``; it orders the batches and starts the inner attacks); ``steps`` / ``n_pairs``
+        override ``train_steps`` / train on the first ``n_pairs`` pairs only (Table 2's overfitting regime)."""
         p = self.p
         sgd = p["train_optimizer"] == "sgd"
-        return MA2TConfig(method, augment=augment, n_aug=n_aug, select=select, eps=self.eps,
+        steps = p["train_steps"] if steps is None else int(steps)
+        return MA2TConfig(method, augment=augment, n_aug=n_aug, select=select, eps=self.eps, n_pairs=n_pairs,
                           attack_steps=p["train_attack_steps"],
                           text=TextAttackConfig(criterion="l2", budget=p["text_budget"], top_k=p["text_top_k"],
                                                 source=adversary or self.source),
-                          train=TrainConfig(steps=p["train_steps"], batch_size=p["train_batch"],
+                          train=TrainConfig(steps=steps, batch_size=p["train_batch"],
                                             optimizer=p["train_optimizer"], lr=p["train_lr"],
                                             min_lr=0.0 if sgd else p["train_lr"] / 10, warmup_steps=p["train_warmup"],
                                             weight_decay=1e-4, grad_clip=None if sgd else 1.0,
-                                            ckpt_every=min(p["train_steps"], 500),
-                                            log_every=max(1, p["train_steps"] // 10), seed=p["seed"]))
+                                            ckpt_every=min(steps, 500) or 1, log_every=max(1, steps // 10),
+                                            seed=p["seed"] if seed is None else seed))
 
-    @staticmethod
-    def name(cfg: MA2TConfig | None) -> str:
-        """The row label of a configuration (``None``: the undefended CLIP)."""
+    def name(self, cfg: MA2TConfig | None) -> str:
+        """The row label of a configuration (``None``: the undefended CLIP); a training seed other than the run's
+        is named."""
         if cfg is None:
             return UNDEFENDED
-        return cfg.label() + (" (top-aligned)" if cfg.select == "aligned" else "")
+        seed = "" if cfg.train.seed == self.p["seed"] else f" (seed {cfg.train.seed})"
+        regime = "" if cfg.n_pairs is None else f" ({cfg.n_pairs} pairs, {cfg.train.steps} steps)"
+        return cfg.label() + (" (top-aligned)" if cfg.select == "aligned" else "") + regime + seed
+
+    @property
+    def seeds(self) -> list[int]:
+        """The training seeds of the Table 1 defenses: ``seeds`` of them from the run's ``seed`` on."""
+        return list(range(int(self.p["seed"]), int(self.p["seed"]) + int(self.p.get("seeds", 1))))
+
+    def seeded(self, cfg: MA2TConfig) -> list[MA2TConfig]:
+        """``cfg`` trained with each of :attr:`seeds`."""
+        from dataclasses import replace
+
+        return [replace(cfg, train=replace(cfg.train, seed=s)) for s in self.seeds]
+
+    def per_seed(self, cfg: MA2TConfig | None, attack: str, k: int = 1, **kw) -> np.ndarray:
+        """(seeds, N_img) per-image R@k of ``cfg`` trained with each seed (``None``: the undefended CLIP, one row):
+        what the claims engine resamples at two levels, seeds and images."""
+        cfgs = [None] if cfg is None else self.seeded(cfg)
+        return np.stack([np.asarray(self.per_image(c, attack, k, **kw)) for c in cfgs])
 
     @property
     def model_name(self) -> str:
@@ -452,7 +498,7 @@ class RetrievalStudy:
 
     def budgets_text(self) -> str:
         """The caption's attack field for a table with the reference budget: both budgets, named, and the steps."""
-        ref = f" and ref = {self.reference_text()}" if self.reference else ""
+        ref = f" and ref = {self.reference_text()}" if self.ref_label in self.budgets else ""
         return f"ℓ∞ {self.nominal}{ref}; {self.steps_text()}"
 
     def attack_text(self) -> str:
@@ -478,7 +524,11 @@ class RetrievalStudy:
         p = self.p
         return pd.Series({
             "scale": self.scale, "model": self.model_name,
-            "test gallery": f"{len(self.test.images)} images, {len(self.test.captions)} captions",
+            "test gallery": f"{len(self.test.images)} images, {len(self.test.captions)} captions (augmentation "
+                            f"experiments: the first {len(self.gallery(self.aug_split).images)})",
+            "training seeds": f"{len(self.seeds)} for TeCoA, MAT_Img and MAT; 1 for the others",
+            "Table 2": (f"MAT and MA²T trained {p['gap_steps']} steps on the {len(self.train_eval.images)} training-"
+                        f"gallery images" if p.get("gap_steps") else "Table 1's MAT and MA²T"),
             "training pairs": f"{len(self.pairs)} (1:1, first caption) + 4 augmented points each for MA²T",
             "training": f"{p['train_steps']} steps x batch {p['train_batch']}, {p['train_optimizer']} lr "
                         f"{p['train_lr']:g}, inner PGD {p['train_attack_steps']} step(s) at {self.nominal}",
@@ -499,7 +549,9 @@ class RetrievalStudy:
                 "eval_steps": p["eval_steps"], "text_budget": p["text_budget"], "text_top_k": p["text_top_k"],
                 "text_source": self.source, "train": {"steps": p["train_steps"], "batch": p["train_batch"],
                                                       "optimizer": p["train_optimizer"], "lr": p["train_lr"],
-                                                      "attack_steps": p["train_attack_steps"]}}
+                                                      "attack_steps": p["train_attack_steps"]},
+                "seeds": self.seeds, "n_train_eval": len(self.train_eval.images), "gap_steps": p.get("gap_steps"),
+                "n_aug_eval": len(self.gallery(self.aug_split).images)}
 
     # -- training and evaluation -----------------------------------------------------------------------------------
     def model(self, cfg: MA2TConfig | None):
@@ -518,17 +570,43 @@ class RetrievalStudy:
         eps_key = None if attack in ("clean", "text") else round(eps * 255, 6)     # these ignore the image budget
         return self.name(cfg), split, eps_key, source if attack in ("text", "co-attack", "sga") else None, attack
 
+    def gallery(self, split: str):
+        """The gallery named ``split``: ``"test"``, ``"train"`` (Table 2's training images) or ``"test:<m>"`` (the
+        first m test images: :attr:`aug_split`, and Table 2's test side, the size of its training gallery)."""
+        if split == "test":
+            return self.test
+        if split == "train":
+            return self.train_eval
+        if split.startswith("test:"):
+            if split not in self._galleries:
+                self._galleries[split] = self.test.first(int(split.removeprefix("test:")))
+            return self._galleries[split]
+        raise RClipError(f"unknown gallery {split!r}: use 'test', 'train' or 'test:<m>'")
+
+    @property
+    def gap_split(self) -> str:
+        """Table 2's test gallery: the first test images, as many as its training gallery has (R@5 depends on the
+        gallery's size, so the two sides must match)."""
+        return f"test:{len(self.train_eval.images)}"
+
+    @property
+    def aug_split(self) -> str:
+        """The gallery of the augmentation experiments (Tables 3 / 5, Figure 3): the first ``n_aug_eval`` test
+        images (all when unset)."""
+        m = self.p.get("n_aug_eval")
+        return "test" if not m or int(m) >= len(self.test.images) else f"test:{int(m)}"
+
     def evaluate(self, cfg: MA2TConfig | None, attacks, *, split: str = "test", eps: float | None = None,
                  source: str | None = None) -> dict[str, Evaluation]:
-        """``{attack: Evaluation}`` of the model trained with ``cfg`` on the ``split`` gallery (``"test"`` or
-        ``"train"``), every image and caption attacked (:func:`rclip.attacks.evaluate_attacks`); made once each."""
+        """``{attack: Evaluation}`` of the model trained with ``cfg`` on the ``split`` gallery (:meth:`gallery`),
+        every image and caption attacked (:func:`rclip.attacks.evaluate_attacks`); made once each."""
         from rclip.attacks.multimodal import evaluate_attacks
 
         eps, source = self.eps if eps is None else eps, source or self.source
         keys = {a: self._key(cfg, split, eps, source, a) for a in attacks}
         todo = [a for a in attacks if keys[a] not in self._evals]
         if todo:
-            rset = self.test if split == "test" else self.train_eval
+            rset = self.gallery(split)
             got = evaluate_attacks(self.model(cfg), rset, todo, self.attack_cfg(eps, source), ks=(1,))
             for a, r in got.items():
                 self._evals[keys[a]] = Evaluation(a, r.i2t_ranks, r.t2i_ranks, [list(c) for c in rset.img2txt],
@@ -540,15 +618,16 @@ class RetrievalStudy:
         return self.evaluate(cfg, [attack], **kw)[attack].per_image(k)
 
     def robust(self, cfg):
-        """(N_img,) the per-image robust score of Tables 3 / 5: the mean of the image's R@1 under Co-Attack and
-        under SGA (nominal budget, the text threat model)."""
-        return (self.per_image(cfg, "co-attack") + self.per_image(cfg, "sga")) / 2
+        """(N_img,) the per-image robust score of Tables 3 / 5 on :attr:`aug_split`: the mean of the image's R@1
+        under Co-Attack and under SGA (nominal budget, the text threat model)."""
+        split = self.aug_split
+        return (self.per_image(cfg, "co-attack", split=split) + self.per_image(cfg, "sga", split=split)) / 2
 
     # -- chance and the preconditions ------------------------------------------------------------------------------
     def chance_text(self, cfgs=(None,), split: str = "test") -> str:
         """The tables' chance line: R@k of a random ranking on the ``split`` gallery, and which of ``cfgs`` (an
         iterable of configurations, or label -> configuration) retrieve at chance there."""
-        rset = self.test if split == "test" else self.train_eval
+        rset = self.gallery(split)
         n = len(rset.images)
         named = cfgs.items() if isinstance(cfgs, dict) else ((self.name(c), c) for c in cfgs)
         at_chance = [name for name, c in named
@@ -556,11 +635,13 @@ class RetrievalStudy:
         return (f"chance R@1 = {100 / n:.1f} %, R@5 ≈ {min(100.0, 500 / n):.1f} % ({n} {split} images); at chance "
                 f"(clean TR@1 not above it): {', '.join(at_chance) or 'none'}")
 
-    def above_chance(self, cfg) -> Precondition:
-        """Precondition: ``cfg``'s model retrieves above chance on clean test images (the lower end of the Wilson
-        interval of its TR@1 above 1 / N_img)."""
-        r = self.evaluate(cfg, ["clean"])["clean"].above_chance()
-        return Precondition.above(f"{self.name(cfg)} clean TR@1, 95 % lower end (%)", r["ci_low"], r["chance"])
+    def above_chance(self, cfg, split: str = "test") -> Precondition:
+        """Precondition: ``cfg``'s model retrieves above chance on the clean ``split`` gallery (the lower end of the
+        Wilson interval of its TR@1 above 1 / N_img)."""
+        r = self.evaluate(cfg, ["clean"], split=split)["clean"].above_chance()
+        where = "" if split == "test" else f" on {split}"
+        return Precondition.above(f"{self.name(cfg)} clean TR@1{where}, 95 % lower end (%)", r["ci_low"],
+                                  r["chance"])
 
     def asr(self, clean: Evaluation, adv: Evaluation) -> dict[str, float]:
         """SGA's attack success rate at R@1 (%), TR and IR; NaN where the victim is at chance (nothing to attack)."""
@@ -570,20 +651,29 @@ class RetrievalStudy:
             return {"ASR TR@1": float("nan"), "ASR IR@1": float("nan")}
         return {"ASR TR@1": attack_success(clean.i2t, adv.i2t, 1), "ASR IR@1": attack_success(clean.t2i, adv.t2i, 1)}
 
-    def text_threat(self) -> Precondition:
-        """Precondition of every claim about the text half of MAT: BERT-Attack with the defenses' substitutes (the
+    def text_threat(self) -> list[Precondition]:
+        """Preconditions of every claim about the text half of MAT: BERT-Attack with the defenses' substitutes (the
         text threat model) succeeds on the undefended CLIP at least :data:`TEXT_THREAT_ASR` % of the time (mean of
-        its TR@1 and IR@1 ASR)."""
+        its TR@1 and IR@1 ASR), and every adversarial caption it makes is still true of its image by the world's
+        ground truth (:func:`rclip.attacks.text.meaning_kept_share`; at paper scale there is no ground truth and
+        only the first applies)."""
+        from rclip.attacks.text import meaning_kept_share
+
         got = self.evaluate(None, ["clean", "text"])
         asr = self.asr(got["clean"], got["text"])
         value = (asr["ASR TR@1"] + asr["ASR IR@1"]) / 2
-        return Precondition.at_least(f"BERT-Attack ({self.source}) ASR on CLIP, mean of TR@1 and IR@1 (%)",
-                                     None if value != value else value, TEXT_THREAT_ASR)
+        out = [Precondition.at_least(f"BERT-Attack ({self.source}) ASR on CLIP, mean of TR@1 and IR@1 (%)",
+                                     None if value != value else value, TEXT_THREAT_ASR)]
+        if self.scale == "world":
+            out.append(Precondition.at_least(f"BERT-Attack ({self.source}) captions still true of their image (%)",
+                                             meaning_kept_share(self.test.captions, got["text"].captions), 100.0))
+        return out
 
     # -- the tables ------------------------------------------------------------------------------------------------
     def attack_table(self):
-        """Section 1: the undefended CLIP under every attack — at the nominal budget with every text source, at the
-        reference budget with the threat model's — R@1 / R@5 and the ASR at R@1. Index (budget, attack, text
+        """Section 1: the undefended CLIP under every attack — at the nominal budget (and at the reference budget
+        when ``ref_budget_attacks``) with the text threat model's substitutes, and BERT-Attack alone with every
+        other source of ``attack_sources`` — R@1 / R@5 and the ASR at R@1. Index (budget, attack, text
         substitutes); ``"-"`` where a label does not apply."""
         import pandas as pd
 
@@ -592,46 +682,72 @@ class RetrievalStudy:
         for label, eps in self.budgets.items():
             pgd_ = self.evaluate(None, ["pgd"], eps=eps)["pgd"]
             rows[(label, "PGD", "-")] = {**pgd_.recall(), **self.asr(clean, pgd_)}
-            for src in (self.sources if label == self.nominal else [self.source]):
-                for a, ev in self.evaluate(None, ["text", "co-attack", "sga"], eps=eps, source=src).items():
-                    rows[(label, ATTACK_NAMES[a], src)] = {**ev.recall(), **self.asr(clean, ev)}
+            for a, ev in self.evaluate(None, ["text", "co-attack", "sga"], eps=eps).items():
+                rows[(label, ATTACK_NAMES[a], self.source)] = {**ev.recall(), **self.asr(clean, ev)}
+        for src in self.sources:
+            if src != self.source:
+                ev = self.evaluate(None, ["text"], source=src)["text"]
+                rows[(self.nominal, ATTACK_NAMES["text"], src)] = {**ev.recall(), **self.asr(clean, ev)}
         df = pd.DataFrame(rows).T
         df.index.names = ["budget", "attack", "text substitutes"]
-        return df
+        return df.sort_index(level=[0, 1], sort_remaining=False)
 
     def adversarial_captions(self) -> dict[str, list[str]]:
         """BERT-Attack's captions of the test gallery, per text source (the attack ignores the image budget)."""
         return {s: self.evaluate(None, ["text"], source=s)["text"].captions for s in self.sources}
 
     def substitution_table(self):
-        """Per text source, the share (%) of adversarial captions whose substituted word is a synonym, a related word
-        (same category: a meaning change), another word, or none (:func:`rclip.attacks.substitution_kinds`)."""
+        """Per text source, the share (%) of BERT-Attack's adversarial captions whose changes keep the meaning, change
+        it, bring in a word the world does not read, or that are unchanged (:func:`rclip.attacks.substitution_kinds`,
+        read by the world's ground truth of word meaning)."""
         import pandas as pd
 
-        from rclip.attacks.text import substitution_kinds
+        from rclip.attacks.text import KINDS, substitution_kinds
 
         kinds = {s: pd.Series(substitution_kinds(self.test.captions, c)).value_counts(normalize=True) * 100
                  for s, c in self.adversarial_captions().items()}
-        df = pd.DataFrame(kinds).fillna(0.0).T.reindex(columns=["synonym", "related", "other", "unchanged"],
-                                                       fill_value=0.0)
+        df = pd.DataFrame(kinds).fillna(0.0).T.reindex(columns=list(KINDS), fill_value=0.0)
         df.index.name = "text substitutes"
         return df
 
     def table1(self, methods: dict, *, reference: bool = False):
         """Table 1 (long): per (method, attack) the four recalls, clean and under Co-Attack and SGA at the nominal
-        budget (and at the reference budget too when ``reference``). methods: row label -> :class:`MA2TConfig`."""
+        budget (and at the reference budget too when ``reference``), each the mean over the method's training seeds
+        (:meth:`cfgs_of`; column ``seeds``). methods: row label -> :class:`MA2TConfig`."""
         import pandas as pd
 
         rows = {}
         for name, cfg in methods.items():
-            for a, ev in self.evaluate(cfg, ["clean", "co-attack", "sga"]).items():
-                rows[(name, ATTACK_NAMES[a] + ("" if a == "clean" else f" {self.nominal}"))] = ev.recall()
-            if reference and self.reference:
-                for a, ev in self.evaluate(cfg, ["co-attack", "sga"], eps=self.reference[1]).items():
-                    rows[(name, f"{ATTACK_NAMES[a]} {self.ref_label}")] = ev.recall()
+            cfgs = self.cfgs_of(name, cfg)
+            evals = [(ATTACK_NAMES[a] + ("" if a == "clean" else f" {self.nominal}"), a, None)
+                     for a in ("clean", "co-attack", "sga")]
+            if reference and self.ref_label in self.budgets:
+                evals += [(f"{ATTACK_NAMES[a]} {self.ref_label}", a, self.reference[1]) for a in ("co-attack", "sga")]
+            for label, a, eps in evals:
+                recs = [self.evaluate(c, [a], eps=eps)[a].recall() for c in cfgs]
+                rows[(name, label)] = {**{k: float(np.mean([r[k] for r in recs])) for k in recs[0]},
+                                       "seeds": len(cfgs)}
         df = pd.DataFrame(rows).T
         df.index.names = ["method", "attack"]
         return df
+
+    def cfgs_of(self, name: str, cfg: MA2TConfig) -> list[MA2TConfig]:
+        """The trained copies behind a Table 1 row: every seed for the defenses of :data:`SEEDED`, one otherwise."""
+        return self.seeded(cfg) if name in SEEDED else [cfg]
+
+    def text_half(self) -> Precondition:
+        """Precondition of MAT vs MAT_Img / TeCoA: MAT's text half changes the model - MAT's per-image R@1 under
+        BERT-Attack (the text threat model) differs from MAT_Img's beyond noise. The value is how far the paired
+        95 % interval of MAT − MAT_Img (seeds x images) lies from 0 (0 when it straddles 0)."""
+        from rclip.claims import compare
+
+        methods = self.table1_methods()
+        r = compare("MAT vs MAT_Img under BERT-Attack", self.per_seed(methods["MAT"], "text"),
+                    self.per_seed(methods["MAT_Img"], "text"), metric=R1_METRIC)
+        lo, hi = r["ci_low"], r["ci_high"]
+        gap = lo if lo > 0 else (-hi if hi < 0 else 0.0)
+        return Precondition.above(f"MAT − MAT_Img R@1 under BERT-Attack ({self.source}): distance of its 95 % "
+                                  f"interval from 0 (points; estimate {r['estimate']:+.1f})", gap, 0.0)
 
     def table1_methods(self) -> dict[str, MA2TConfig]:
         out = {"Fine-tune": self.train_cfg("finetune"), "TeCoA": self.train_cfg("tecoa"),
@@ -641,17 +757,23 @@ class RetrievalStudy:
         return out
 
     def gap_models(self) -> dict[str, MA2TConfig]:
-        return {"MAT": self.train_cfg("mat"), "MA²T I2T(Human)": self.train_cfg("mat", "human")}
+        """Table 2's MAT and MA²T I2T(Human): with ``gap_steps`` set, trained for that many steps on the first
+        ``n_train_eval`` pairs only - exactly the images of the training gallery - the overfitting regime the
+        paper's gap comes from; otherwise Table 1's models."""
+        steps = self.p.get("gap_steps")
+        kw = {} if not steps else {"steps": int(steps), "n_pairs": len(self.train_eval.images)}
+        return {"MAT": self.train_cfg("mat", **kw), "MA²T I2T(Human)": self.train_cfg("mat", "human", **kw)}
 
     def table2(self):
-        """Table 2: TR@5 / IR@5 under Co-Attack on training and on test images, for MAT and MA²T I2T(Human), with
-        the row ``Diff`` = test − train. Returns ``(table, {model: mean of the TR@5 and IR@5 differences})``."""
+        """Table 2: TR@5 / IR@5 under Co-Attack on training images and on as many test images (:attr:`gap_split`),
+        for MAT and MA²T I2T(Human) (:meth:`gap_models`), with the row ``Diff`` = test − train. Returns ``(table,
+        {model: mean of the TR@5 and IR@5 differences})``."""
         import pandas as pd
 
         rows = {}
         for name, cfg in self.gap_models().items():
-            for split in ("train", "test"):
-                rec = self.evaluate(cfg, ["co-attack"], split=split)["co-attack"].recall(ks=(5,))
+            for split, where in (("train", "train"), ("test", self.gap_split)):
+                rec = self.evaluate(cfg, ["co-attack"], split=where)["co-attack"].recall(ks=(5,))
                 for c in ("TR@5", "IR@5"):
                     rows.setdefault((name, c), {})[split] = rec[c]
         t2 = pd.DataFrame(rows).reindex(["train", "test"])
@@ -668,7 +790,8 @@ class RetrievalStudy:
         import pandas as pd
 
         rows = {(cfg.label(), ATTACK_NAMES[a]): ev.recall() for cfg in self.table3_models()
-                for a, ev in self.evaluate(cfg, ["clean", "pgd", "text", "co-attack", "sga"]).items()}
+                for a, ev in self.evaluate(cfg, ["clean", "pgd", "text", "co-attack", "sga"],
+                                           split=self.aug_split).items()}
         df = pd.DataFrame(rows).T
         df.index.names = ["model", "attack"]
         return df
@@ -699,7 +822,7 @@ class RetrievalStudy:
         rows = {}
         for aug in self.p["figure3_augmentations"]:
             for m in self.p["figure3_counts"]:
-                rec = self.evaluate(self.figure3_cfg(aug, m), ["sga"])["sga"].recall(ks=(1,))
+                rec = self.evaluate(self.figure3_cfg(aug, m), ["sga"], split=self.aug_split)["sga"].recall(ks=(1,))
                 rows[(PAPER_NAMES[aug], m)] = {"SGA TR@1": rec["TR@1"], "SGA IR@1": rec["IR@1"]}
         return pd.DataFrame(rows).T
 
@@ -738,19 +861,35 @@ class RetrievalStudy:
         return rows
 
     def defense_claims(self) -> list[dict]:
-        """Table 1: MAT beats Fine-tune, TeCoA and MAT_Img under Co-Attack and under SGA. Both models must be above
-        chance; against TeCoA and MAT_Img (which differ from MAT by its text half) the text threat must exist."""
+        """Table 1: MAT beats Fine-tune, TeCoA and MAT_Img under Co-Attack and under SGA, on per-image R@1 of every
+        training seed (:meth:`per_seed`; Fine-tune has one). Both models must be above chance; against TeCoA and
+        MAT_Img (which differ from MAT by its text half) the text threat must exist and MAT's text half must change
+        the model (:meth:`text_threat`, :meth:`text_half`)."""
         methods = self.table1_methods()
-        mat, threat = methods["MAT"], self.text_threat()
+        mat = methods["MAT"]
+        text_pre = [*self.text_threat(), self.text_half()]
         rows = []
         for other in ("Fine-tune", "TeCoA", "MAT_Img"):
-            pre = [self.above_chance(mat), self.above_chance(methods[other])] + ([threat] if other != "Fine-tune"
+            pre = [self.above_chance(mat), self.above_chance(methods[other])] + (text_pre if other != "Fine-tune"
                                                                                    else [])
+            seeds = {m: len(self.cfgs_of(m, methods[m])) for m in ("MAT", other)}
             for a in ("co-attack", "sga"):
-                rows.append(self._r1_compare(f"MAT beats {other} under {ATTACK_NAMES[a]} ({self.nominal})",
-                                             self.per_image(mat, a), self.per_image(methods[other], a),
-                                             ("MAT", other), preconditions=pre))
+                rows.append(self._r1_compare(
+                    f"MAT beats {other} under {ATTACK_NAMES[a]} ({self.nominal})",
+                    self._match(self.per_seed(mat, a), seeds[other]),
+                    self._match(self.per_seed(methods[other], a) if seeds[other] > 1
+                                else self.per_image(methods[other], a)[None], seeds["MAT"]),
+                    ("MAT", other), preconditions=pre,
+                    note=f"training seeds: MAT {seeds['MAT']}, {other} {seeds[other]}" + (
+                        "; seeds resampled with the images" if min(seeds.values()) > 1 else
+                        "; one-seed side compared with the seed-mean of the other")))
         return rows
+
+    @staticmethod
+    def _match(values: np.ndarray, other_seeds: int) -> np.ndarray:
+        """Per-image values (seeds, N) made comparable with a side of ``other_seeds`` seeds: kept as they are when
+        both sides have several seeds (the engine pairs seed s with seed s), else averaged over seeds to one row."""
+        return values if (len(values) > 1 and other_seeds > 1) else values.mean(0, keepdims=True)
 
     def gap_claim(self) -> dict:
         """Table 2: MA²T I2T(Human) narrows MAT's train − test gap (R@5 under Co-Attack). Per item, each model's
@@ -760,12 +899,12 @@ class RetrievalStudy:
         from rclip.claims import compare
 
         (mat_name, mat), (ma2t_name, ma2t) = self.gap_models().items()
-        per = {(m, s): self.per_image(cfg, "co-attack", 5, split=s) for m, cfg in (("mat", mat), ("ma2t", ma2t))
-               for s in ("train", "test")}
+        per = {(m, s): self.per_image(cfg, "co-attack", 5, split=w) for m, cfg in (("mat", mat), ("ma2t", ma2t))
+               for s, w in (("train", "train"), ("test", self.gap_split))}
         n = min(len(per[("mat", "train")]), len(per[("mat", "test")]))
         gap = float(per[("mat", "train")].mean() - per[("mat", "test")].mean())
         pre = [Precondition.at_least(f"{mat_name} train − test gap, R@5 under Co-Attack, mean of TR and IR (points)",
-                                     gap, GAP_MIN), self.above_chance(mat)]
+                                     gap, GAP_MIN), self.above_chance(mat, self.gap_split)]
         return compare(f"{ma2t_name} narrows {mat_name}'s train − test gap (Co-Attack, R@5)",
                        per[("ma2t", "test")][:n] - per[("ma2t", "train")][:n],
                        per[("mat", "test")][:n] - per[("mat", "train")][:n],
@@ -793,7 +932,7 @@ class RetrievalStudy:
                 rows.append(self._r1_compare(
                     f"{cfg.label()} beats {base.label()} (robust R@1)", self.robust(cfg), self.robust(base),
                     (cfg.label(), base.label()), source="paper" if text else "book",
-                    preconditions=[self.above_chance(base)],
+                    preconditions=[self.above_chance(base, self.aug_split)],
                     note="robust R@1: per image, the mean of its R@1 under Co-Attack and SGA" + (
                         "" if text else f"; the paper's Table 3 shows {PAPER_NAMES[aug]} as no or a mixed gain")))
         groups = [("text augmentations beat image augmentations", ("I2T", "T2T"), ("I2I", "T2I"), "paper"),
@@ -801,7 +940,7 @@ class RetrievalStudy:
                   ("cross-modal image augmentation beats intra-modal (T2I vs I2I)", ("T2I",), ("I2I",), "book"),
                   ("cross-modal augmentations beat intra-modal ones", ("I2T", "T2I"), ("T2T", "I2I"), "paper")]
         of = {k: [a for a in self.augmentations if KINDS[a] in k] for _, ka, kb, _ in groups for k in (ka, kb)}
-        pre = [self.above_chance(self.train_cfg(b)) for b in self.bases]
+        pre = [self.above_chance(self.train_cfg(b), self.aug_split) for b in self.bases]
         for claim, ka, kb, src in groups:
             if of[ka] and of[kb]:
                 rows.append(self._r1_compare(
@@ -817,8 +956,9 @@ class RetrievalStudy:
         (SD's analog) helps up to two images (m = 2 vs 0) and then degrades (m = 2 vs 4)."""
         counts, augs = list(self.p["figure3_counts"]), list(self.p["figure3_augmentations"])
         base = self.train_cfg(self.p["figure3_base"])
-        pre = [self.above_chance(base)]
-        sga_ = {(a, m): self.per_image(self.figure3_cfg(a, m), "sga") for a in augs for m in counts}
+        pre = [self.above_chance(base, self.aug_split)]
+        sga_ = {(a, m): self.per_image(self.figure3_cfg(a, m), "sga", split=self.aug_split) for a in augs
+                for m in counts}
         rows = []
         top = max(counts) if counts else 0
         if "human" in augs and 0 in counts and top > 0:
@@ -836,7 +976,7 @@ class RetrievalStudy:
 
     def claims(self) -> list[dict]:
         """Every claim of the chapter, in the order of its sections."""
-        rows = [r for s in self.sources for r in self.attack_claims(s)]
+        rows = self.attack_claims()
         return [*rows, *self.defense_claims(), self.gap_claim(), *self.augmentation_claims(), *self.figure3_claims()]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -35,6 +36,22 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "image": ("photo", "picture"), "object": ("shape", "thing", "item"), "shape": ("object", "figure"),
     "thing": ("object", "item"), "center": ("middle",), "middle": ("center",), "beside": ("near",),
     "rendering": ("drawing",), "drawing": ("sketch", "rendering"), "shows": ("depicts", "contains"),
+}
+
+#: Meaning-preserving forms of the world's words that its pre-training captions never use (:func:`realise` writes
+#: only the canonical words and :data:`SYNONYMS`): rarer synonyms and digits for count words. A CLIP pre-trained on
+#: the world never saw their tokens, as a web-trained CLIP rarely sees a rare synonym, so they are the words a real
+#: attacker would reach for. Each still names exactly the same shape, colour, size, texture or count.
+HELD_OUT_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "circle": ("disk", "orb"), "square": ("quadrate",), "triangle": ("trigon",), "diamond": ("rhomb",),
+    "ring": ("annulus", "loop"), "hexagon": ("sexangle",), "crescent": ("lune",),
+    "red": ("ruby", "cherry", "vermilion"), "orange": ("apricot",), "yellow": ("canary", "mustard"),
+    "green": ("jade", "verdant"), "teal": ("aqua",), "blue": ("sapphire", "navy", "cerulean"),
+    "purple": ("plum", "mauve"), "pink": ("fuchsia", "blush"),
+    "small": ("mini", "petite", "wee"), "large": ("giant", "jumbo", "massive"),
+    "plain": ("uniform", "unpatterned"), "striped": ("banded", "streaked"), "checkered": ("checkerboard",),
+    "dotted": ("polka", "dappled"), "wavy": ("undulating", "curvy"), "gradient": ("ombre", "blended"),
+    "two": ("2",), "three": ("3",), "four": ("4",),
 }
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -105,6 +122,84 @@ class Lexicon:
 
 
 LEXICON = Lexicon()
+
+
+def typos(word: str) -> list[str]:
+    """One-slip misspellings of ``word`` that keep its first and last letters (the ones a reader anchors on): two
+    adjacent inner letters swapped, then one inner letter dropped, in that order, without repeats; none shorter than
+    four letters (so words of fewer than four letters have none)."""
+    if len(word) < 4 or not word.isalpha():
+        return []
+    out: list[str] = []
+    for i in range(1, len(word) - 2):
+        out.append(word[:i] + word[i + 1] + word[i] + word[i + 2:])
+    for i in range(1, len(word) - 1):
+        out.append(word[:i] + word[i + 1:])
+    return [w for w in dict.fromkeys(out) if w != word and len(w) >= 4]
+
+
+@lru_cache(maxsize=1)
+def _written_forms() -> dict[str, str]:
+    """Every correctly spelt form of a content word the world reads -> its meaning (the canonical word; plural nouns
+    -> the canonical plural): the lexicon's words and synonyms, the held-out synonyms and digits, plurals of shapes
+    and of the generic nouns."""
+    forms: dict[str, str] = {}
+    groups = {w: (w,) for members in CATEGORIES.values() for w in members}
+    groups.update({w: (w,) for w in COUNT_WORDS[1:]})
+    for word, syns in LEXICON.synonyms_of.items():
+        groups[word] = tuple(dict.fromkeys([*groups.get(word, (word,)), *syns]))
+    for word, syns in HELD_OUT_SYNONYMS.items():
+        groups[word] = tuple(dict.fromkeys([*groups.get(word, (word,)), *syns]))
+    nouns = set(SHAPES) | set(_GENERIC_NOUNS)
+    for word, group in groups.items():
+        meaning = LEXICON.canonical(word)
+        for form in group:
+            forms.setdefault(form, meaning)
+            if word in nouns:
+                forms.setdefault(plural(form), plural(meaning))
+    return forms
+
+
+@lru_cache(maxsize=1)
+def _misspelt_forms() -> dict[str, str]:
+    """Misspellings (:func:`typos`) of the written forms that a reader can only read one way: not themselves a
+    word of the world, not an English word (a whole word of CLIP's 49 408-entry BPE vocabulary, e.g. "pulses" for
+    "pluses"), and not a slip of two words with different meanings."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    english = SimpleTokenizer().encoder
+    forms = _written_forms()
+    readings: dict[str, set[str]] = {}
+    for form, meaning in forms.items():
+        for t in typos(form):
+            readings.setdefault(t, set()).add(meaning)
+    return {t: next(iter(m)) for t, m in readings.items()
+            if len(m) == 1 and t not in forms and f"{t}</w>" not in english}
+
+
+def word_meaning(word: str) -> str | None:
+    """What a careful reader takes a written content word to mean: the canonical word (plural nouns: its plural)
+    for the world's words, their synonyms (seen or held out of pre-training), digits of count words and unambiguous
+    one-slip misspellings of any of these; ``None`` for any other word (function words, position words, unknown
+    or ambiguous strings). Case-insensitive."""
+    w = word.lower()
+    return _written_forms().get(w) or _misspelt_forms().get(w)
+
+
+def held_out_forms(word: str) -> list[str]:
+    """Meaning-preserving forms of ``word`` that the world's captions never use: its held-out synonyms (plural when
+    ``word`` is a plural noun), then its readable misspellings (:func:`typos` that :func:`word_meaning` reads back
+    as ``word``'s meaning). Empty for words the world does not read."""
+    meaning = word_meaning(word)
+    if meaning is None or word.lower() not in _written_forms():
+        return []
+    w = word.lower()
+    singular = {plural(k): k for k in (*SHAPES, *_GENERIC_NOUNS)}
+    base = singular.get(meaning, meaning)
+    many = base != meaning
+    out = [plural(s) if many else s for s in HELD_OUT_SYNONYMS.get(base, ())]
+    out += [t for t in typos(w) if _misspelt_forms().get(t) == meaning]
+    return [f for f in dict.fromkeys(out) if f != w]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Caption specs
