@@ -227,7 +227,7 @@ STUDY_PARAMS = dict(eps=2, eval_steps=1, text_budget=1, text_top_k=3, text_sourc
                     attack_sources=["lexicon"], train_steps=1, train_batch=4, train_optimizer="adamw", train_lr=1e-3,
                     train_warmup=1, train_attack_steps=1, bases=["mat_img"], augmentations=["human", "randaugment"],
                     figure3_base="mat_img", figure3_augmentations=["human"], figure3_counts=[0, 4], n_align=4,
-                    attack_batch=8, seed=0, seeds=2, gap_steps=2, n_aug_eval=3)
+                    attack_batch=8, seed=0, seeds=2, gap_steps=2, n_aug_eval=3, aug_steps=2, val_steps=[2, 1])
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,8 @@ def study(tiny):
     return RetrievalStudy(tiny, world.retrieval_set(split="test", n=4, resolution=32),
                           world.retrieval_set(split="train", n=4, resolution=32),
                           WorldRetrievalPairs(8, split="train", resolution=32), {"n": 8, "test": "study"},
-                          STUDY_PARAMS, scale="world", data="stand-ins", reference=("colour", 4 / 255))
+                          STUDY_PARAMS, scale="world", data="stand-ins", reference=("colour", 4 / 255),
+                          val=world.retrieval_set(split="val", n=4, resolution=32))
 
 
 def test_study_trains_and_evaluates_each_configuration_once(study, monkeypatch):
@@ -262,14 +263,27 @@ def test_study_trains_and_evaluates_each_configuration_once(study, monkeypatch):
     table = study.attack_table()
     t1 = study.table1(study.table1_methods())
     study.table2(), study.table3(), study.figure3()
+    sweep = study.schedule_sweep()
     rows = study.claims()
     assert len(evaluated) == len(set(evaluated)) and len(trained) == len(set(trained))
     assert set(trained) == {"Fine-tune", "TeCoA", "MAT_Img", "MAT", "TeCoA (seed 1)", "MAT_Img (seed 1)",
                             "MAT (seed 1)", "MAT (4 pairs, 2 steps)", "MAT + I2T(Human) (4 pairs, 2 steps)",
-                            "MAT_Img + I2T(Human)", "MAT_Img + I2I(RA)"}
+                            "MAT_Img (2 steps)", "MAT (2 steps)",              # the schedule sweep's longer runs,
+                            "MAT_Img + I2T(Human) (2 steps)", "MAT_Img + I2I(RA) (2 steps)"}    # and aug_steps'
+    # the schedule sweep: every step count of val_steps on the validation gallery, Table 1's models reused
+    assert list(sweep.index) == [1, 2] and sweep.index.name == "training steps"
+    val_mat = study.per_image(study.train_cfg("mat"), "text", split="val")
+    val_img = study.per_image(study.train_cfg("mat_img"), "text", split="val")
+    ref = claims.compare("x", val_mat, val_img, metric="m")
+    assert sweep.loc[1, "MAT − MAT_Img"] == pytest.approx(val_mat.mean() - val_img.mean())
+    assert (sweep.loc[1, "95 % CI low"], sweep.loc[1, "95 % CI high"]) == pytest.approx((ref["ci_low"], ref["ci_high"]))
+    assert sweep.loc[1, "text half changes the model"] == (ref["ci_low"] > 0 or ref["ci_high"] < 0)
+    # the augmentation experiments at aug_steps: Table 3's base is not Table 1's MAT_Img
+    assert study.table3_models()[0].train.steps == 2 and study.table1_methods()["MAT_Img"].train.steps == 1
     # galleries: Table 2's test side as large as its training gallery; the augmentations on the first 3 test images
     assert [len(study.gallery(s).images) for s in ("train", study.gap_split, study.aug_split)] == [4, 4, 3]
-    assert {e[1] for e in evaluated} == {id(study.test), id(study.train_eval), id(study.gallery("test:3"))}
+    assert {e[1] for e in evaluated} == {id(study.test), id(study.train_eval), id(study.gallery("test:3")),
+                                         id(study.val)}
     n_eval = len(evaluated)
     assert study.claims() == rows and len(evaluated) == n_eval                 # everything shared, nothing redone
     # the tables
@@ -306,15 +320,15 @@ def test_study_per_image_scores_and_pooling(study):
     ev = study.evaluate(None, ["clean"])["clean"]
     rec = ev.recall()
     assert study.per_image(None, "clean").mean() == pytest.approx((rec["TR@1"] + rec["IR@1"]) / 2)
-    robust = study.robust(study.train_cfg("mat_img", "human"))
+    robust = study.robust(study.aug_cfg("mat_img", "human"))
     split = study.aug_split
     assert len(robust) == 3
-    assert robust == pytest.approx((study.per_image(study.train_cfg("mat_img", "human"), "co-attack", split=split)
-                                    + study.per_image(study.train_cfg("mat_img", "human"), "sga", split=split)) / 2)
+    assert robust == pytest.approx((study.per_image(study.aug_cfg("mat_img", "human"), "co-attack", split=split)
+                                    + study.per_image(study.aug_cfg("mat_img", "human"), "sga", split=split)) / 2)
     pooled = study.pooled(["human", "randaugment"])
-    assert pooled == pytest.approx((robust + study.robust(study.train_cfg("mat_img", "randaugment"))) / 2)
+    assert pooled == pytest.approx((robust + study.robust(study.aug_cfg("mat_img", "randaugment"))) / 2)
     gains = study.gains()
-    assert gains["human"] == pytest.approx(float((robust - study.robust(study.train_cfg("mat_img"))).mean()))
+    assert gains["human"] == pytest.approx(float((robust - study.robust(study.aug_cfg("mat_img"))).mean()))
 
 
 def test_attack_success_and_the_text_threat_precondition(study):
@@ -408,13 +422,13 @@ def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
     (tmp_path / "images").mkdir()
     colours = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 170, 60), "yellow": (230, 215, 40)}
     entries = []
-    for k in range(12):
+    for k in range(15):
         name, rgb = list(colours.items())[k % 4]
         img = np.zeros((40, 40, 3), np.uint8)
         img[10:30, 10:30] = rgb
         Image.fromarray(img).save(tmp_path / "images" / f"{k}.png")
         shape = ["circle", "square", "star"][k % 3]
-        entries.append({"filename": f"{k}.png", "split": "test" if k < 4 else "train",
+        entries.append({"filename": f"{k}.png", "split": "test" if k < 4 else "val" if k >= 12 else "train",
                         "sentences": [{"raw": s} for s in (f"A {name} {shape}.", f"a {shape} coloured {name}",
                                                            f"one {name} thing", f"a picture of a {shape}",
                                                            f"a {name} {shape} on a plain background")]})
@@ -444,6 +458,7 @@ def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
     res = json.loads(results.read_text())["results"]
     assert res["scale"] == "paper" and res["n_eval"] == 4 and res["budgets_255"] == {"2/255": 2.0}
     assert res["reference_budget"] is None
+    assert res["n_val"] == 3 and len(res["schedule_sweep"]) == 2                # Karpathy's val split, smoke's 1 and 2 steps
     assert {"Fine-tune | clean", "MAT | SGA 2/255"} <= set(res["table1"])
     assert set(res["augmentation_gain"]) == ({"eda", "human"} if wordnet else {"human"})
     assert "MAT_Img + I2T(Human) | Co-Attack" in res["table3"] and "Diff" in res["table2"]
@@ -451,3 +466,14 @@ def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
     names = [claims.check(r)["claim"] for r in res["claims"]]
     assert "MAT beats TeCoA under SGA (2/255)" in names and any("train − test gap" in c for c in names)
     assert set(res["spearman_gain"]) == {"alignment", "diversity"}
+
+
+def test_study_without_validation_gallery_names_the_fix(tiny):
+    from rclip.methods.ma2t import RetrievalStudy
+
+    s = RetrievalStudy(tiny, world.retrieval_set(split="test", n=2, resolution=32),
+                       world.retrieval_set(split="train", n=4, resolution=32),
+                       WorldRetrievalPairs(4, split="train", resolution=32), {"n": 4}, STUDY_PARAMS, scale="world",
+                       data="stand-ins")
+    with pytest.raises(RClipError, match="n_val"):
+        s.schedule_sweep()

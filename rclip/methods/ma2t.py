@@ -146,9 +146,10 @@ class RetrievalSetPairs(Dataset):
 class MA2TConfig:
     """method: one of :data:`METHODS`. augment / n_aug / select: MA²T's augmentation (``None`` = none), points per
     pair, and which made points are used (``"first"``, or ``"aligned"``: the most aligned in the starting CLIP's
-    space, the paper's "top" of Figure 3). n_pairs: train on the first n_pairs pairs only (``None``: all). eps / attack_steps / alpha: the inner L-inf PGD ([0, 1] units; alpha
-    default 2.5 eps / attack_steps, i.e. eps / 4 at 10 steps). text: the inner text attack of ``mat`` (Eq. 4: criterion ``l2``, one word). train: optimiser
-    and schedule (the paper: 5000 steps, batch 128, SGD, lr 1e-4 cosine, weight decay 1e-4)."""
+    space, the paper's "top" of Figure 3). n_pairs: train on the first n_pairs pairs only (``None``: all). eps /
+    attack_steps / alpha: the inner L-inf PGD ([0, 1] units; alpha default 2.5 eps / attack_steps, i.e. eps / 4 at
+    10 steps). text: the inner text attack of ``mat`` (Eq. 4: criterion ``l2``, one word). train: optimiser and
+    schedule (the paper: 5000 steps, batch 128, SGD, lr 1e-4 cosine, weight decay 1e-4)."""
     method: str
     augment: str | None = None
     n_aug: int = 4
@@ -384,14 +385,17 @@ class RetrievalStudy:
     bundle: the undefended CLIP. test / train_eval: :class:`~rclip.data.base.RetrievalSet` galleries (the test
     split; training images with all their captions, for Table 2). pairs / data_key: the 1:1 training pairs and what
     identifies them in the cache. params: the notebook's resolved parameters (``eps``, ``eval_steps``,
-    ``text_budget``, ``text_top_k``, ``text_source``, ``attack_sources``, ``train_*``, ``bases``,
-    ``augmentations``, ``figure3_*``, ``n_align``, ``attack_batch``, ``seed``). reference: ``(task, eps)`` of the
-    world's reference budget, or None. scale, data: what the captions say.
+    ``text_budget``, ``text_top_k``, ``text_source``, ``attack_sources``, ``train_*``, ``aug_steps``, ``val_steps``,
+    ``bases``, ``augmentations``, ``figure3_*``, ``n_align``, ``attack_batch``, ``seed``). reference: ``(task, eps)``
+    of the world's reference budget, or None. scale, data: what the captions say. val: the validation gallery the
+    training schedule is chosen on (:meth:`schedule_sweep`), or None; val_data: what it is.
     """
 
     def __init__(self, bundle, test, train_eval, pairs, data_key: dict, params: dict, *, scale: str, data: str,
-                 reference: tuple[str, float] | None = None, reference_source: str = ""):
+                 reference: tuple[str, float] | None = None, reference_source: str = "", val=None,
+                 val_data: str = "the validation split"):
         self.bundle, self.test, self.train_eval, self.pairs, self.data_key = bundle, test, train_eval, pairs, data_key
+        self.val, self.val_data = val, val_data
         self.p, self.scale, self.data = dict(params), scale, data
         self.eps = self.p["eps"] / 255
         self.nominal = f"{self.p['eps']:g}/255"
@@ -448,13 +452,19 @@ class RetrievalStudy:
                                             ckpt_every=min(steps, 500) or 1, log_every=max(1, steps // 10),
                                             seed=p["seed"] if seed is None else seed))
 
+    def aug_cfg(self, method: str, augment: str | None = None, **kw) -> MA2TConfig:
+        """The training settings of the augmentation experiments (Tables 3 / 5, Figures 1–3): :meth:`train_cfg` at
+        ``aug_steps`` steps (default ``train_steps``)."""
+        return self.train_cfg(method, augment, steps=self.p.get("aug_steps") or None, **kw)
+
     def name(self, cfg: MA2TConfig | None) -> str:
         """The row label of a configuration (``None``: the undefended CLIP); a training seed other than the run's
-        is named."""
+        and a step count other than ``train_steps`` are named."""
         if cfg is None:
             return UNDEFENDED
         seed = "" if cfg.train.seed == self.p["seed"] else f" (seed {cfg.train.seed})"
-        regime = "" if cfg.n_pairs is None else f" ({cfg.n_pairs} pairs, {cfg.train.steps} steps)"
+        steps = "" if cfg.n_pairs is None and cfg.train.steps == self.p["train_steps"] else f"{cfg.train.steps} steps"
+        regime = f" ({cfg.n_pairs} pairs, {steps})" if cfg.n_pairs is not None else f" ({steps})" if steps else ""
         return cfg.label() + (" (top-aligned)" if cfg.select == "aligned" else "") + regime + seed
 
     @property
@@ -511,9 +521,10 @@ class RetrievalStudy:
         return (f"{self.label}: {self.model_name} on {self.data}, fine-tuned on {len(self.pairs)} 1:1 training pairs; "
                 f"image budgets {', '.join(self.budgets)}")
 
-    def caption(self, what: str, *, n: str | None = None, attack: str | None = None, model: str | None = None) -> str:
+    def caption(self, what: str, *, n: str | None = None, attack: str | None = None, model: str | None = None,
+                data: str | None = None) -> str:
         """The caption line of a table: what it shows, then scale, model, data, n and attack."""
-        parts = [what, self.label, f"model {model or self.model_name}", f"data {self.data}",
+        parts = [what, self.label, f"model {model or self.model_name}", f"data {data or self.data}",
                  f"n = {n or f'{len(self.test.images)} test images x 5 captions'}"]
         return " · ".join(parts + ([f"attack {attack}"] if attack else []))
 
@@ -531,7 +542,12 @@ class RetrievalStudy:
                         f"gallery images" if p.get("gap_steps") else "Table 1's MAT and MA²T"),
             "training pairs": f"{len(self.pairs)} (1:1, first caption) + 4 augmented points each for MA²T",
             "training": f"{p['train_steps']} steps x batch {p['train_batch']}, {p['train_optimizer']} lr "
-                        f"{p['train_lr']:g}, inner PGD {p['train_attack_steps']} step(s) at {self.nominal}",
+                        f"{p['train_lr']:g}, inner PGD {p['train_attack_steps']} step(s) at {self.nominal}"
+                        + (f" (augmentation experiments: {p['aug_steps']} steps)"
+                           if p.get("aug_steps") and p["aug_steps"] != p["train_steps"] else ""),
+            "schedule chosen on": (f"{len(self.val.images)} validation images (MAT vs MAT_Img under BERT-Attack at "
+                                   f"{', '.join(str(s) for s in sorted(p.get('val_steps') or [p['train_steps']]))} "
+                                   f"steps)" if self.val is not None else "-"),
             "image budgets": ", ".join(self.budgets),
             "world's reference budget": self.reference_text(),
             "evaluation attacks": self.steps_text() + "; SGA scales 0.5/0.75/1.25/1.5, σ 0.05; Co-Attack KL weight 3",
@@ -551,6 +567,8 @@ class RetrievalStudy:
                                                       "optimizer": p["train_optimizer"], "lr": p["train_lr"],
                                                       "attack_steps": p["train_attack_steps"]},
                 "seeds": self.seeds, "n_train_eval": len(self.train_eval.images), "gap_steps": p.get("gap_steps"),
+                "aug_steps": p.get("aug_steps") or p["train_steps"],
+                "n_val": len(self.val.images) if self.val is not None else 0, "val_steps": p.get("val_steps"),
                 "n_aug_eval": len(self.gallery(self.aug_split).images)}
 
     # -- training and evaluation -----------------------------------------------------------------------------------
@@ -571,17 +589,23 @@ class RetrievalStudy:
         return self.name(cfg), split, eps_key, source if attack in ("text", "co-attack", "sga") else None, attack
 
     def gallery(self, split: str):
-        """The gallery named ``split``: ``"test"``, ``"train"`` (Table 2's training images) or ``"test:<m>"`` (the
-        first m test images: :attr:`aug_split`, and Table 2's test side, the size of its training gallery)."""
+        """The gallery named ``split``: ``"test"``, ``"train"`` (Table 2's training images), ``"val"`` or
+        ``"test:<m>"`` (the first m test images: :attr:`aug_split`, and Table 2's test side, the size of its training
+        gallery)."""
         if split == "test":
             return self.test
         if split == "train":
             return self.train_eval
+        if split == "val":
+            if self.val is None:
+                raise RClipError("this study has no validation gallery: set n_val (validation images) to choose "
+                                 "the schedule on")
+            return self.val
         if split.startswith("test:"):
             if split not in self._galleries:
                 self._galleries[split] = self.test.first(int(split.removeprefix("test:")))
             return self._galleries[split]
-        raise RClipError(f"unknown gallery {split!r}: use 'test', 'train' or 'test:<m>'")
+        raise RClipError(f"unknown gallery {split!r}: use 'test', 'train', 'val' or 'test:<m>'")
 
     @property
     def gap_split(self) -> str:
@@ -749,6 +773,26 @@ class RetrievalStudy:
         return Precondition.above(f"MAT − MAT_Img R@1 under BERT-Attack ({self.source}): distance of its 95 % "
                                   f"interval from 0 (points; estimate {r['estimate']:+.1f})", gap, 0.0)
 
+    def schedule_sweep(self):
+        """How long to train, chosen on validation: at each of ``val_steps`` training steps (the run's seed), MAT's
+        and MAT_Img's per-image R@1 under BERT-Attack (the text threat model) on the validation gallery, and the
+        paired 95 % interval of MAT − MAT_Img - the :meth:`text_half` precondition, measured on validation images so
+        that the schedule is not chosen on the test split. Index: training steps."""
+        import pandas as pd
+
+        from rclip.claims import compare
+
+        rows = {}
+        for steps in sorted({int(s) for s in self.p.get("val_steps") or [self.p["train_steps"]]}):
+            mat, img = (self.per_image(self.train_cfg(m, steps=steps), "text", split="val") for m in ("mat", "mat_img"))
+            r = compare(f"MAT vs MAT_Img under BERT-Attack, {steps} steps", mat, img, metric=R1_METRIC)
+            rows[steps] = {"MAT": r["mean_a"], "MAT_Img": r["mean_b"], "MAT − MAT_Img": r["estimate"],
+                           "95 % CI low": r["ci_low"], "95 % CI high": r["ci_high"],
+                           "text half changes the model": bool(r["ci_low"] > 0 or r["ci_high"] < 0)}
+        df = pd.DataFrame(rows).T
+        df.index.name = "training steps"
+        return df
+
     def table1_methods(self) -> dict[str, MA2TConfig]:
         out = {"Fine-tune": self.train_cfg("finetune"), "TeCoA": self.train_cfg("tecoa"),
                "MAT_Img": self.train_cfg("mat_img"), "MAT": self.train_cfg("mat")}
@@ -782,7 +826,7 @@ class RetrievalStudy:
         return t2, gap
 
     def table3_models(self) -> list[MA2TConfig]:
-        return [self.train_cfg(b, a) for b in self.bases for a in [None, *self.augmentations]]
+        return [self.aug_cfg(b, a) for b in self.bases for a in [None, *self.augmentations]]
 
     def table3(self):
         """Tables 3 and 5 (long): every base with and without each augmentation, clean and under PGD, BERT-Attack,
@@ -799,7 +843,7 @@ class RetrievalStudy:
     def gains(self) -> dict[str, float]:
         """Each augmentation's mean robust gain (points) over its base, averaged over the bases: a description; the
         claims test each gain on its own."""
-        return {a: float(np.mean([(self.robust(self.train_cfg(b, a)) - self.robust(self.train_cfg(b))).mean()
+        return {a: float(np.mean([(self.robust(self.aug_cfg(b, a)) - self.robust(self.aug_cfg(b))).mean()
                                   for b in self.bases])) for a in self.augmentations}
 
     def figure3_cfg(self, augment: str, m: int) -> MA2TConfig:
@@ -807,10 +851,10 @@ class RetrievalStudy:
         alone; m = 4: all four, the very model of Table 3)."""
         base = self.p["figure3_base"]
         if m == 0:
-            return self.train_cfg(base)
+            return self.aug_cfg(base)
         if m == 4:
-            return self.train_cfg(base, augment)
-        return self.train_cfg(base, augment, n_aug=m, select="aligned")
+            return self.aug_cfg(base, augment)
+        return self.aug_cfg(base, augment, n_aug=m, select="aligned")
 
     def figure3(self):
         """Figure 3: SGA TR@1 / IR@1 of ``figure3_base`` with m = ``figure3_counts`` augmented points of each of
@@ -915,7 +959,7 @@ class RetrievalStudy:
     def pooled(self, augs) -> "np.ndarray":
         """(N_img,) the pooled robust score of a group of augmentations: per test image, the mean of
         :meth:`robust` over every (base, augmentation) model of the group."""
-        return np.mean([self.robust(self.train_cfg(b, a)) for b in self.bases for a in augs], axis=0)
+        return np.mean([self.robust(self.aug_cfg(b, a)) for b in self.bases for a in augs], axis=0)
 
     def augmentation_claims(self) -> list[dict]:
         """Tables 3 / 5: each augmentation improves on its base (robust score, decided on its own); then, on pooled
@@ -925,9 +969,9 @@ class RetrievalStudy:
 
         rows = []
         for b in self.bases:
-            base = self.train_cfg(b)
+            base = self.aug_cfg(b)
             for aug in self.augmentations:
-                cfg = self.train_cfg(b, aug)
+                cfg = self.aug_cfg(b, aug)
                 text = aug in TEXT_AUGMENTATIONS
                 rows.append(self._r1_compare(
                     f"{cfg.label()} beats {base.label()} (robust R@1)", self.robust(cfg), self.robust(base),
@@ -940,7 +984,7 @@ class RetrievalStudy:
                   ("cross-modal image augmentation beats intra-modal (T2I vs I2I)", ("T2I",), ("I2I",), "book"),
                   ("cross-modal augmentations beat intra-modal ones", ("I2T", "T2I"), ("T2T", "I2I"), "paper")]
         of = {k: [a for a in self.augmentations if KINDS[a] in k] for _, ka, kb, _ in groups for k in (ka, kb)}
-        pre = [self.above_chance(self.train_cfg(b), self.aug_split) for b in self.bases]
+        pre = [self.above_chance(self.aug_cfg(b), self.aug_split) for b in self.bases]
         for claim, ka, kb, src in groups:
             if of[ka] and of[kb]:
                 rows.append(self._r1_compare(
@@ -955,7 +999,7 @@ class RetrievalStudy:
         """Figure 3 (SGA, per-image R@1): more Human captions, more robustness (largest m vs m = 0); the generator
         (SD's analog) helps up to two images (m = 2 vs 0) and then degrades (m = 2 vs 4)."""
         counts, augs = list(self.p["figure3_counts"]), list(self.p["figure3_augmentations"])
-        base = self.train_cfg(self.p["figure3_base"])
+        base = self.aug_cfg(self.p["figure3_base"])
         pre = [self.above_chance(base, self.aug_split)]
         sga_ = {(a, m): self.per_image(self.figure3_cfg(a, m), "sga", split=self.aug_split) for a in augs
                 for m in counts}
@@ -985,7 +1029,8 @@ def retrieval_study(run) -> RetrievalStudy:
 
     World scale: the CLIP named by ``model`` / ``checkpoint``, the world's retrieval test split (``n_eval`` images x
     5 true captions), ``n_train_eval`` training images with all their captions (Table 2), ``n_train`` 1:1 training
-    pairs of the retrieval train split, and the world's reference budget (:func:`retrieval_reference_budget`).
+    pairs of the retrieval train split, ``n_val`` images of the validation split
+    (:meth:`RetrievalStudy.schedule_sweep`), and the world's reference budget (:func:`retrieval_reference_budget`).
     Paper scale: ``model`` / ``pretrained`` / ``checkpoint`` through ``inputs``, the Karpathy splits of ``dataset``
     (:func:`paper_retrieval_inputs`); the augmentations that need the world's ground truth are dropped."""
     from rclip import data, models, world
@@ -993,6 +1038,7 @@ def retrieval_study(run) -> RetrievalStudy:
 
     p = dict(run.params)
     n_eval, n_train, n_te = int(p["n_eval"]), int(p["n_train"]), int(p["n_train_eval"])
+    n_val = int(p.get("n_val") or 0)
     if p["scale"] == "paper":
         annotations, image_root = paper_retrieval_inputs(p["inputs"], p["dataset"])
         bundle = data.paper_model({**p["inputs"], "model": p["model"], "pretrained": p["pretrained"],
@@ -1009,7 +1055,9 @@ def retrieval_study(run) -> RetrievalStudy:
         return RetrievalStudy(bundle, load("test", n_eval), load("train", n_te),
                               RetrievalSetPairs(load("train", n_train), synonyms=synonyms),
                               {"annotations": annotations, "n": n_train}, p, scale="paper",
-                              data=f"{p['dataset']}'s Karpathy test split ({n_eval} images x 5 captions)")
+                              data=f"{p['dataset']}'s Karpathy test split ({n_eval} images x 5 captions)",
+                              val=load("val", n_val) if n_val else None,
+                              val_data=f"{p['dataset']}'s Karpathy val split")
     if p["scale"] != "world":
         raise RClipError(f"scale must be 'world' or 'paper', got {p['scale']!r}")
     bundle = models.load(p["model"], checkpoint=p["checkpoint"], device=run.device)
@@ -1022,7 +1070,9 @@ def retrieval_study(run) -> RetrievalStudy:
                           WorldRetrievalPairs(n_train, split="train", resolution=res, seed=seed),
                           {"world": "retrieval/train", "n": n_train, "resolution": res, "seed": seed}, p,
                           scale="world", data=f"the world's retrieval test split ({n_eval} images x 5 true captions)",
-                          reference=ref[:2] if ref else None, reference_source=ref[2] if ref else "")
+                          reference=ref[:2] if ref else None, reference_source=ref[2] if ref else "",
+                          val=world.retrieval_set(split="val", n=n_val, resolution=res, seed=seed) if n_val else None,
+                          val_data="the world's retrieval validation split")
 
 
 def alignment_table(measured: dict, gains: dict):
