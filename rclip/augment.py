@@ -175,6 +175,30 @@ def augment_texts(pairs, i: int, name: str, n: int, seed: int = 0) -> list[str]:
     raise RClipError(f"{name!r} is not a text augmentation; choose one of {TEXT_AUGMENTATIONS}")
 
 
+def _check_truth(pairs) -> None:
+    if not (hasattr(pairs, "scene") and hasattr(pairs, "spec")):
+        raise RClipError("false captions need the world's ground truth (a pair dataset with scene() and spec()): "
+                         "n_false is a world-scale experiment")
+    if len(pairs) < 2:
+        raise RClipError("false captions are other pairs' captions: the pair dataset needs at least 2 pairs")
+
+
+def false_captions(pairs, i: int, n: int, seed: int = 0, tries: int = 100) -> list[str]:
+    """``n`` captions that are *false* of training pair ``i``'s image, by the world's ground truth: the training
+    captions of other pairs (drawn from ``(seed, i)``) whose meaning does not match ``i``'s scene — the controlled
+    misalignment of :class:`AugmentedPairs` (``n_false``). Needs a world pair dataset (``scene`` and ``spec``)."""
+    _check_truth(pairs)
+    rng, scene, out = _rng(seed, "false", i), pairs.scene(i), []
+    for _ in range(tries * max(1, n)):
+        if len(out) == n:
+            return out
+        j = int(rng.integers(len(pairs) - 1))
+        j += j >= i                                                        # any pair but i
+        if not pairs.spec(j).matches(scene):
+            out.append(pairs.captions(j)[0])
+    raise RClipError(f"found only {len(out)} of {n} false captions for pair {i} in {tries * max(1, n)} draws")
+
+
 def augment_image(pairs, i: int, name: str, point: int, seed: int = 0) -> torch.Tensor:
     """Augmented image number ``point`` (3, H, W) in [0, 1] of training pair ``i`` (its caption stays); each point
     is drawn independently from ``(seed, i, point)``."""
@@ -213,26 +237,49 @@ class AugmentedPairs(Dataset):
     Item ``k`` is pair ``k // (1 + n_aug)``, point ``k % (1 + n_aug)`` (0 = the original). ``order`` (N, n_aug
     indices into ``n_aug_made`` made points, e.g. sorted by alignment) picks which made points are used; the default
     uses the first ``n_aug``. Batches via ``__getitems__``: ``{"images", "texts", "index", "augmented"}``.
+
+    Two controls of the paper's Figures 1-2 reading (augmentations help when aligned and diverse), each changing one
+    property at a fixed number of points: ``n_false`` (text augmentations, world only) replaces the first
+    ``n_false`` augmented captions of every pair with captions false of its image (:func:`false_captions`) —
+    alignment lowered, diversity kept; ``distinct`` uses only that many distinct made points, repeated in turn over
+    the ``n_aug`` slots — diversity lowered, alignment kept.
     """
 
     def __init__(self, pairs, augment: str | None, n_aug: int = 4, *, seed: int = 0,
-                 order: torch.Tensor | None = None, n_aug_made: int | None = None):
+                 order: torch.Tensor | None = None, n_aug_made: int | None = None, n_false: int = 0,
+                 distinct: int | None = None):
         check_augmentation(augment, pairs)
         self.pairs, self.augment, self.seed = pairs, augment, int(seed)
         self.n_aug = int(n_aug) if augment else 0
         self.n_made = int(n_aug_made or self.n_aug)
         if self.n_aug > self.n_made:
             raise RClipError(f"n_aug={self.n_aug} exceeds the {self.n_made} augmented points made per pair")
+        if not 0 <= n_false <= self.n_aug:
+            raise RClipError(f"n_false={n_false} must lie between 0 and the {self.n_aug} augmented points per pair")
+        if n_false and augment not in TEXT_AUGMENTATIONS:
+            raise RClipError(f"n_false replaces augmented captions: {augment!r} is not a text augmentation; choose "
+                             f"one of {TEXT_AUGMENTATIONS}")
+        if n_false:
+            _check_truth(pairs)
+        if distinct is not None and not 1 <= distinct <= self.n_aug:
+            raise RClipError(f"distinct={distinct} must lie between 1 and the {self.n_aug} augmented points per pair")
+        self.n_false, self.distinct = int(n_false), distinct
         self.order = order
         self._texts: dict[int, list[str]] = {}
+        self._false: dict[int, list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.pairs) * (1 + self.n_aug)
 
     def _point(self, i: int, v: int) -> int:
+        v = v % self.distinct if self.distinct else v
         return int(self.order[i, v]) if self.order is not None else v
 
     def _aug_text(self, i: int, v: int) -> str:
+        if v < self.n_false:
+            if i not in self._false:
+                self._false[i] = false_captions(self.pairs, i, self.n_false, self.seed)
+            return self._false[i][v]
         if i not in self._texts:
             self._texts[i] = augment_texts(self.pairs, i, self.augment, self.n_made, self.seed)
         return self._texts[i][self._point(i, v)]
@@ -287,6 +334,25 @@ def alignment_diversity(bundle, pairs, name: str, indices: Sequence[int], n: int
     return {"alignment": alignment, "diversity": diversity, "original": (img * txt).sum(-1)}
 
 
+@torch.no_grad()
+def used_points_alignment_diversity(bundle, data: AugmentedPairs, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """What a text-augmented training set actually holds, in ``bundle``'s embedding space: for each pair of
+    ``indices``, the ``n_aug`` captions it trains on (false ones and repeats included). ``alignment``
+    (len, n_aug): cos(Φ(I), Ψ(T_aug)); ``diversity`` (len, n_aug): ‖Ψ(T) − Ψ(T_aug)‖ (the paper's measure: distance
+    from the original caption); ``spread`` (len,): the mean pairwise distance among a pair's augmented captions (0
+    when one caption is repeated) — :class:`AugmentedPairs`' ``distinct`` changes this, not ``diversity``."""
+    if data.augment not in TEXT_AUGMENTATIONS or not data.n_aug:
+        raise RClipError(f"used_points_alignment_diversity measures text augmentations; got {data.augment!r}")
+    indices, n = [int(i) for i in indices], data.n_aug
+    img = bundle.encode_images(data.pairs.images(indices))
+    txt = bundle.encode_texts([data.pairs.captions(i)[0] for i in indices])
+    aug = bundle.encode_texts([data._aug_text(i, v) for i in indices for v in range(n)]).view(len(indices), n, -1)
+    pairwise = torch.cdist(aug, aug)
+    spread = pairwise.sum((1, 2)) / max(1, n * (n - 1))
+    return {"alignment": (aug * img[:, None]).sum(-1), "diversity": (aug - txt[:, None]).norm(dim=-1),
+            "spread": spread}
+
+
 def aligned_order(bundle, pairs, name: str, n: int = 4, seed: int = 0, batch: int = 256) -> torch.Tensor:
     """(N, n): each pair's ``n`` augmented points sorted by decreasing alignment in ``bundle``'s space (the
     paper's "top" selection of Figure 3)."""
@@ -299,4 +365,4 @@ def aligned_order(bundle, pairs, name: str, n: int = 4, seed: int = 0, batch: in
 
 __all__ = ["KINDS", "PAPER_NAMES", "TEXT_AUGMENTATIONS", "IMAGE_AUGMENTATIONS", "WORLD_ONLY", "eda",
            "synonym_replacement", "random_insertion", "random_swap", "random_deletion", "randaugment",
-           "augment_texts", "augment_image", "augment_images", "AugmentedPairs", "alignment_diversity", "aligned_order"]
+           "augment_texts", "false_captions", "augment_image", "augment_images", "AugmentedPairs", "alignment_diversity", "used_points_alignment_diversity", "aligned_order"]

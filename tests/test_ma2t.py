@@ -477,3 +477,67 @@ def test_study_without_validation_gallery_names_the_fix(tiny):
                        data="stand-ins")
     with pytest.raises(RClipError, match="n_val"):
         s.schedule_sweep()
+
+
+def test_false_captions_are_false_and_distinct_points_repeat():
+    from rclip.augment import false_captions
+
+    pairs = WorldRetrievalPairs(12, split="train", resolution=32)
+    firsts = {pairs.captions(j)[0]: j for j in range(len(pairs))}
+    for i in range(4):
+        got = false_captions(pairs, i, 3, seed=1)
+        assert len(got) == 3 and got == false_captions(pairs, i, 3, seed=1)          # a pure function of (seed, i)
+        for c in got:                                                # another pair's caption, false of image i
+            assert firsts[c] != i and not pairs.spec(firsts[c]).matches(pairs.scene(i))
+    mixed = AugmentedPairs(pairs, "human", 4, n_false=2, seed=1)
+    plain = AugmentedPairs(pairs, "human", 4, seed=1)
+    texts = mixed.__getitems__(list(range(5)))["texts"]
+    assert texts[1:3] == false_captions(pairs, 0, 2, seed=1)                      # the first two points: false
+    assert texts[3:5] == plain.__getitems__([3, 4])["texts"] == pairs.captions(0)[3:5]     # the rest: Human's
+    once = AugmentedPairs(pairs, "human", 4, distinct=1)
+    assert once.__getitems__(list(range(5)))["texts"][1:] == [pairs.captions(0)[1]] * 4
+    for bad, match in ((dict(n_false=5), "n_false=5"), (dict(distinct=0), "distinct=0")):
+        with pytest.raises(RClipError, match=match):
+            AugmentedPairs(pairs, "human", 4, **bad)
+    with pytest.raises(RClipError, match="not a text augmentation"):
+        AugmentedPairs(pairs, "randaugment", 4, n_false=1)
+    rset = world.retrieval_set(split="train", n=4, resolution=32)
+    with pytest.raises(RClipError, match="world-scale"):
+        AugmentedPairs(RetrievalSetPairs(rset), "human", 4, n_false=1)
+
+
+def test_used_points_measure_what_the_controls_change(tiny):
+    from rclip.augment import false_captions, used_points_alignment_diversity
+
+    pairs = WorldRetrievalPairs(8, split="train", resolution=32)
+    idx = range(6)
+    m = {k: used_points_alignment_diversity(tiny, AugmentedPairs(pairs, "human", 4, **kw), idx)
+         for k, kw in {"plain": {}, "false": dict(n_false=4), "once": dict(distinct=1)}.items()}
+    assert m["once"]["spread"].abs().max() < 1e-5 and (m["plain"]["spread"] > 1e-3).all()
+    assert torch.allclose(m["once"]["alignment"][:, 0], m["plain"]["alignment"][:, 0], atol=1e-5)
+    # brute force: point 0 of the all-false set is the first false caption's cosine with its image
+    img = tiny.encode_images(pairs.images([0]))
+    ref = (tiny.encode_texts(false_captions(pairs, 0, 4)[:1]) * img).sum(-1)
+    assert m["false"]["alignment"][0, 0] == pytest.approx(float(ref[0]), abs=1e-5)
+
+
+def test_study_controls_of_alignment_and_diversity(tiny):
+    from rclip import claims
+    from rclip.methods.ma2t import RetrievalStudy
+
+    params = {**STUDY_PARAMS, "false_counts": [0, 4], "distinct_counts": [1, 4], "n_align": 4}
+    s = RetrievalStudy(tiny, world.retrieval_set(split="test", n=4, resolution=32),
+                       world.retrieval_set(split="train", n=4, resolution=32),
+                       WorldRetrievalPairs(8, split="train", resolution=32), {"n": 8, "test": "controls"}, params,
+                       scale="world", data="stand-ins")
+    cfgs = s.control_cfgs()
+    assert cfgs[("false", 0)] == cfgs[("distinct", 4)] == s.aug_cfg("mat_img", "human")     # Table 3's model
+    table = s.controls()
+    assert list(table.index) == [("false", 0), ("false", 4), ("distinct", 1), ("distinct", 4)]
+    assert table.loc[("distinct", 1), "spread"] < 1e-5 < table.loc[("distinct", 4), "spread"]
+    assert table.loc[("false", 4), "robust R@1"] == pytest.approx(float(s.robust(cfgs[("false", 4)]).mean()))
+    rows = s.control_claims()
+    assert [r["sides"] for r in rows] == [["0 false", "4 false"], ["4 distinct", "1 distinct"]]
+    for r in rows:
+        claims.check(r)
+        assert r["n"] == 3                                                          # the aug_split's images

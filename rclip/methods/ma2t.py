@@ -146,7 +146,8 @@ class RetrievalSetPairs(Dataset):
 class MA2TConfig:
     """method: one of :data:`METHODS`. augment / n_aug / select: MA²T's augmentation (``None`` = none), points per
     pair, and which made points are used (``"first"``, or ``"aligned"``: the most aligned in the starting CLIP's
-    space, the paper's "top" of Figure 3). n_pairs: train on the first n_pairs pairs only (``None``: all). eps /
+    space, the paper's "top" of Figure 3). n_false / distinct: the controlled misalignment and diversity of
+    :class:`~rclip.augment.AugmentedPairs`. n_pairs: train on the first n_pairs pairs only (``None``: all). eps /
     attack_steps / alpha: the inner L-inf PGD ([0, 1] units; alpha default 2.5 eps / attack_steps, i.e. eps / 4 at
     10 steps). text: the inner text attack of ``mat`` (Eq. 4: criterion ``l2``, one word). train: optimiser and
     schedule (the paper: 5000 steps, batch 128, SGD, lr 1e-4 cosine, weight decay 1e-4)."""
@@ -154,6 +155,8 @@ class MA2TConfig:
     augment: str | None = None
     n_aug: int = 4
     select: str = "first"
+    n_false: int = 0
+    distinct: int | None = None
     n_pairs: int | None = None
     eps: float = 2 / 255
     attack_steps: int = 10
@@ -169,7 +172,9 @@ class MA2TConfig:
             return base
         from rclip.augment import PAPER_NAMES
 
-        return f"{base} + {PAPER_NAMES[self.augment]}" + (f" x{self.n_aug}" if self.n_aug != 4 else "")
+        return (f"{base} + {PAPER_NAMES[self.augment]}" + (f" x{self.n_aug}" if self.n_aug != 4 else "")
+                + (f" ({self.n_false} of {self.n_aug} false)" if self.n_false else "")
+                + (f" ({self.distinct} distinct)" if self.distinct else ""))
 
 
 def _adversarial_images(bundle, cfg: MA2TConfig, batch: dict, x: torch.Tensor, objective) -> torch.Tensor:
@@ -242,7 +247,8 @@ def training_set(bundle, pairs, cfg: MA2TConfig):
     if cfg.select not in ("first", "aligned"):
         raise RClipError(f"select must be 'first' or 'aligned', got {cfg.select!r}")
     order = aligned_order(bundle, pairs, cfg.augment, 4, cfg.train.seed) if cfg.select == "aligned" else None
-    return AugmentedPairs(pairs, cfg.augment, cfg.n_aug, seed=cfg.train.seed, order=order, n_aug_made=4)
+    return AugmentedPairs(pairs, cfg.augment, cfg.n_aug, seed=cfg.train.seed, order=order, n_aug_made=4,
+                          n_false=cfg.n_false, distinct=cfg.distinct)
 
 
 def train_ma2t(bundle, pairs, cfg: MA2TConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
@@ -315,6 +321,9 @@ GAP_MIN = 10.0
 SEEDED = ("TeCoA", "MAT_Img", "MAT")
 #: "SGA is at least as strong as Co-Attack": SGA's per-image R@1 may exceed Co-Attack's by at most this (points)
 SGA_TOLERANCE = 2.0
+#: the augmentation whose alignment and diversity :meth:`RetrievalStudy.control_cfgs` change: I2T(Human), four
+#: true captions of the same image, available at both scales
+CONTROL_AUGMENTATION = "human"
 R1_METRIC = "per-image R@1 (mean of its TR@1 hit and its captions' IR@1 hits, %)"
 
 
@@ -433,15 +442,19 @@ class RetrievalStudy:
 
     def train_cfg(self, method: str, augment: str | None = None, n_aug: int = 4, select: str = "first",
                   adversary: str | None = None, seed: int | None = None, steps: int | None = None,
-                  n_pairs: int | None = None) -> MA2TConfig:
+                  n_pairs: int | None = None, n_false: int = 0, distinct: int | None = None) -> MA2TConfig:
         """The training settings of ``method`` (+ ``augment``): the ``train_*`` parameters, the inner PGD at the
         nominal budget, MAT's text adversary ``adversary`` (default the text threat model), training seed ``seed``
         (default the run's ``seed``; it orders the batches and starts the inner attacks); ``steps`` / ``n_pairs``
-        override ``train_steps`` / train on the first ``n_pairs`` pairs only (Table 2's overfitting regime)."""
+        override ``train_steps`` / train on the first ``n_pairs`` pairs only (Table 2's overfitting regime);
+        ``n_false`` / ``distinct``: the controls of :meth:`control_cfgs` (``distinct`` equal to ``n_aug`` is the
+        plain augmentation)."""
         p = self.p
         sgd = p["train_optimizer"] == "sgd"
         steps = p["train_steps"] if steps is None else int(steps)
+        distinct = None if distinct is None or int(distinct) >= n_aug else int(distinct)
         return MA2TConfig(method, augment=augment, n_aug=n_aug, select=select, eps=self.eps, n_pairs=n_pairs,
+                          n_false=int(n_false), distinct=distinct,
                           attack_steps=p["train_attack_steps"],
                           text=TextAttackConfig(criterion="l2", budget=p["text_budget"], top_k=p["text_top_k"],
                                                 source=adversary or self.source),
@@ -870,6 +883,61 @@ class RetrievalStudy:
                 rows[(PAPER_NAMES[aug], m)] = {"SGA TR@1": rec["TR@1"], "SGA IR@1": rec["IR@1"]}
         return pd.DataFrame(rows).T
 
+    def control_cfgs(self) -> dict[tuple[str, int], MA2TConfig]:
+        """The controlled experiments behind the reading of Figures 1–2 (augmentations help when aligned and
+        diverse), each changing one property of ``figure3_base`` + I2T(Human) (four true captions of the same image,
+        at ``aug_steps``) at a fixed number of points: ``("false", k)``: k of the four captions replaced by captions
+        false of the image (the world's ground truth says which), for k in ``false_counts`` (world only);
+        ``("distinct", d)``: only d distinct captions, repeated over the four slots, for d in ``distinct_counts``.
+        k = 0 and d = 4 are Table 3's model."""
+        base, out = self.p["figure3_base"], {}
+        if self.scale == "world":
+            for k in self.p.get("false_counts") or []:
+                out[("false", int(k))] = self.aug_cfg(base, CONTROL_AUGMENTATION, n_false=int(k))
+        for d in self.p.get("distinct_counts") or []:
+            out[("distinct", int(d))] = self.aug_cfg(base, CONTROL_AUGMENTATION, distinct=int(d))
+        return out
+
+    def controls(self):
+        """The controlled experiments (:meth:`control_cfgs`): per setting, the mean alignment, diversity and spread
+        of the captions it trains on (:func:`rclip.augment.used_points_alignment_diversity` in the starting CLIP's
+        space, over the first ``n_align`` training pairs) and its clean and robust R@1 on :attr:`aug_split`.
+        Index (control, value)."""
+        import pandas as pd
+
+        from rclip.augment import used_points_alignment_diversity
+
+        rows, idx = {}, range(min(int(self.p["n_align"]), len(self.pairs)))
+        for key, cfg in self.control_cfgs().items():
+            m = used_points_alignment_diversity(self.bundle, training_set(self.bundle, self.pairs, cfg), idx)
+            rows[key] = {"alignment": float(m["alignment"].mean()), "diversity": float(m["diversity"].mean()),
+                         "spread": float(m["spread"].mean()),
+                         "clean R@1": float(self.per_image(cfg, "clean", split=self.aug_split).mean()),
+                         "robust R@1": float(self.robust(cfg).mean())}
+        df = pd.DataFrame(rows).T
+        df.index.names = ["control", "value"]
+        return df
+
+    def control_claims(self) -> list[dict]:
+        """Aligned augmentations help more (no false caption beats the most false of ``false_counts``) and diverse
+        ones help more (the most distinct beats the fewest of ``distinct_counts``), on robust R@1."""
+        cfgs, rows = self.control_cfgs(), []
+        pre = [self.above_chance(self.aug_cfg(self.p["figure3_base"]), self.aug_split)]
+        for kind, best_is_low, claim in (("false", True, "aligned augmented captions help more: {a} false beat {b} "
+                                                         "false of four (robust R@1)"),
+                                         ("distinct", False, "diverse augmented captions help more: {a} distinct beat "
+                                                             "{b} distinct of four (robust R@1)")):
+            values = sorted(v for k, v in cfgs if k == kind)
+            if len(values) < 2:
+                continue
+            a, b = (values[0], values[-1]) if best_is_low else (values[-1], values[0])
+            rows.append(self._r1_compare(
+                claim.format(a=a, b=b), self.robust(cfgs[(kind, a)]), self.robust(cfgs[(kind, b)]),
+                (f"{a} {kind}", f"{b} {kind}"), preconditions=pre,
+                note=f"{cfgs[(kind, a)].label()} vs {cfgs[(kind, b)].label()}: the controlled test of the paper's "
+                     "reading of its Figures 1–2"))
+        return rows
+
     def alignment(self) -> dict[str, dict]:
         """Figures 1–2: alignment and diversity of every augmentation in the starting CLIP's space, over four points
         of each of the first ``n_align`` training pairs (:func:`rclip.augment.alignment_diversity`)."""
@@ -1021,7 +1089,8 @@ class RetrievalStudy:
     def claims(self) -> list[dict]:
         """Every claim of the chapter, in the order of its sections."""
         rows = self.attack_claims()
-        return [*rows, *self.defense_claims(), self.gap_claim(), *self.augmentation_claims(), *self.figure3_claims()]
+        return [*rows, *self.defense_claims(), self.gap_claim(), *self.augmentation_claims(), *self.figure3_claims(),
+                *self.control_claims()]
 
 
 def retrieval_study(run) -> RetrievalStudy:
