@@ -183,20 +183,23 @@ def _check_truth(pairs) -> None:
         raise RClipError("false captions are other pairs' captions: the pair dataset needs at least 2 pairs")
 
 
-def false_captions(pairs, i: int, n: int, seed: int = 0, tries: int = 100) -> list[str]:
-    """``n`` captions that are *false* of training pair ``i``'s image, by the world's ground truth: the training
-    captions of other pairs (drawn from ``(seed, i)``) whose meaning does not match ``i``'s scene — the controlled
-    misalignment of :class:`AugmentedPairs` (``n_false``). Needs a world pair dataset (``scene`` and ``spec``)."""
+def false_captions(pairs, i: int, n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct captions that are *false* of training pair ``i``'s image, by the world's ground truth: the
+    training captions of other pairs (visited in an order drawn from ``(seed, i)``) whose meaning does not match
+    ``i``'s scene — the controlled misalignment of :class:`AugmentedPairs` (``n_false``). Needs a world pair dataset
+    (``scene`` and ``spec``)."""
     _check_truth(pairs)
-    rng, scene, out = _rng(seed, "false", i), pairs.scene(i), []
-    for _ in range(tries * max(1, n)):
+    scene, out = pairs.scene(i), []
+    for j in _rng(seed, "false", i).permutation(len(pairs)):
         if len(out) == n:
-            return out
-        j = int(rng.integers(len(pairs) - 1))
-        j += j >= i                                                        # any pair but i
-        if not pairs.spec(j).matches(scene):
-            out.append(pairs.captions(j)[0])
-    raise RClipError(f"found only {len(out)} of {n} false captions for pair {i} in {tries * max(1, n)} draws")
+            break
+        text = pairs.captions(int(j))[0]
+        if j != i and text not in out and not pairs.spec(int(j)).matches(scene):
+            out.append(text)
+    if len(out) < n:
+        raise RClipError(f"only {len(out)} of the {len(pairs)} training captions are false of pair {i}'s image, "
+                         f"{n} were asked for: lower n_false or train on more pairs")
+    return out
 
 
 def augment_image(pairs, i: int, name: str, point: int, seed: int = 0) -> torch.Tensor:
@@ -241,8 +244,9 @@ class AugmentedPairs(Dataset):
     Two controls of the paper's Figures 1-2 reading (augmentations help when aligned and diverse), each changing one
     property at a fixed number of points: ``n_false`` (text augmentations, world only) replaces the first
     ``n_false`` augmented captions of every pair with captions false of its image (:func:`false_captions`) —
-    alignment lowered, diversity kept; ``distinct`` uses only that many distinct made points, repeated in turn over
-    the ``n_aug`` slots — diversity lowered, alignment kept.
+    alignment lowered (their distance from the original caption grows too); ``distinct`` uses only that many
+    distinct made points, repeated in turn over the ``n_aug`` slots — the spread among a pair's points lowered,
+    each point's alignment and distance from the original kept (:func:`used_points_alignment_diversity`).
     """
 
     def __init__(self, pairs, augment: str | None, n_aug: int = 4, *, seed: int = 0,
@@ -335,7 +339,8 @@ def alignment_diversity(bundle, pairs, name: str, indices: Sequence[int], n: int
 
 
 @torch.no_grad()
-def used_points_alignment_diversity(bundle, data: AugmentedPairs, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+def used_points_alignment_diversity(bundle, data: AugmentedPairs, indices: Sequence[int]
+                                    ) -> dict[str, torch.Tensor]:
     """What a text-augmented training set actually holds, in ``bundle``'s embedding space: for each pair of
     ``indices``, the ``n_aug`` captions it trains on (false ones and repeats included). ``alignment``
     (len, n_aug): cos(Φ(I), Ψ(T_aug)); ``diversity`` (len, n_aug): ‖Ψ(T) − Ψ(T_aug)‖ (the paper's measure: distance
@@ -346,7 +351,8 @@ def used_points_alignment_diversity(bundle, data: AugmentedPairs, indices: Seque
     indices, n = [int(i) for i in indices], data.n_aug
     img = bundle.encode_images(data.pairs.images(indices))
     txt = bundle.encode_texts([data.pairs.captions(i)[0] for i in indices])
-    aug = bundle.encode_texts([data._aug_text(i, v) for i in indices for v in range(n)]).view(len(indices), n, -1)
+    aug = bundle.encode_texts([data._aug_text(i, v) for i in indices for v in range(n)])
+    aug = aug.view(len(indices), n, -1)
     pairwise = torch.cdist(aug, aug)
     spread = pairwise.sum((1, 2)) / max(1, n * (n - 1))
     return {"alignment": (aug * img[:, None]).sum(-1), "diversity": (aug - txt[:, None]).norm(dim=-1),
@@ -365,4 +371,5 @@ def aligned_order(bundle, pairs, name: str, n: int = 4, seed: int = 0, batch: in
 
 __all__ = ["KINDS", "PAPER_NAMES", "TEXT_AUGMENTATIONS", "IMAGE_AUGMENTATIONS", "WORLD_ONLY", "eda",
            "synonym_replacement", "random_insertion", "random_swap", "random_deletion", "randaugment",
-           "augment_texts", "false_captions", "augment_image", "augment_images", "AugmentedPairs", "alignment_diversity", "used_points_alignment_diversity", "aligned_order"]
+           "augment_texts", "false_captions", "augment_image", "augment_images", "AugmentedPairs",
+           "alignment_diversity", "used_points_alignment_diversity", "aligned_order"]

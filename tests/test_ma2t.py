@@ -272,6 +272,7 @@ def test_study_trains_and_evaluates_each_configuration_once(study, monkeypatch):
                             "MAT_Img + I2T(Human) (2 steps)", "MAT_Img + I2I(RA) (2 steps)"}    # and aug_steps'
     # the schedule sweep: every step count of val_steps on the validation gallery, Table 1's models reused
     assert list(sweep.index) == [1, 2] and sweep.index.name == "training steps"
+    assert study.model(study.train_cfg("mat", steps=1)) is study.model(study.table1_methods()["MAT"])
     val_mat = study.per_image(study.train_cfg("mat"), "text", split="val")
     val_img = study.per_image(study.train_cfg("mat_img"), "text", split="val")
     ref = claims.compare("x", val_mat, val_img, metric="m")
@@ -458,7 +459,7 @@ def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
     res = json.loads(results.read_text())["results"]
     assert res["scale"] == "paper" and res["n_eval"] == 4 and res["budgets_255"] == {"2/255": 2.0}
     assert res["reference_budget"] is None
-    assert res["n_val"] == 3 and len(res["schedule_sweep"]) == 2                # Karpathy's val split, smoke's 1 and 2 steps
+    assert res["n_val"] == 3 and len(res["schedule_sweep"]) == 2       # Karpathy's val split; smoke's 1 and 2 steps
     assert {"Fine-tune | clean", "MAT | SGA 2/255"} <= set(res["table1"])
     assert set(res["augmentation_gain"]) == ({"eda", "human"} if wordnet else {"human"})
     assert "MAT_Img + I2T(Human) | Co-Attack" in res["table3"] and "Diff" in res["table2"]
@@ -466,6 +467,25 @@ def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
     names = [claims.check(r)["claim"] for r in res["claims"]]
     assert "MAT beats TeCoA under SGA (2/255)" in names and any("train − test gap" in c for c in names)
     assert set(res["spearman_gain"]) == {"alignment", "diversity"}
+
+
+def test_study_names_tell_configurations_apart(study):
+    from dataclasses import replace
+
+    from rclip.methods.ma2t import RetrievalStudy
+
+    assert study.name(study.train_cfg("mat", adversary="lexicon")) == "MAT (lexicon adversary)"
+    assert study.name(study.train_cfg("mat", steps=7)) == "MAT (7 steps)"
+    assert study.name(study.aug_cfg("mat_img", "human", n_false=2)) == "MAT_Img + I2T(Human) (2 of 4 false) (2 steps)"
+    assert study.aug_cfg("mat_img", "human", distinct=4) == study.aug_cfg("mat_img", "human")
+    with pytest.raises(RClipError, match="distinct_counts"):
+        study.aug_cfg("mat_img", "human", distinct=5)
+    fresh = RetrievalStudy(study.bundle, study.test, study.train_eval, study.pairs, study.data_key, STUDY_PARAMS,
+                           scale="world", data="stand-ins")
+    cfg = fresh.train_cfg("mat")
+    fresh._cfgs[fresh.name(cfg)] = replace(cfg, eps=1 / 255)          # another configuration under the same name
+    with pytest.raises(RClipError, match="share the name"):
+        fresh.model(cfg)
 
 
 def test_study_without_validation_gallery_names_the_fix(tiny):

@@ -419,7 +419,7 @@ class RetrievalStudy:
                              f"training gallery (n_train_eval), fewer than one batch of {self.p['train_batch']}: "
                              f"raise n_train_eval or lower train_batch")
         self.bases, self.augmentations = list(self.p["bases"]), list(self.p["augmentations"])
-        self.trained, self.logs, self._evals, self._galleries = {}, {}, {}, {}
+        self.trained, self.logs, self._evals, self._galleries, self._cfgs = {}, {}, {}, {}, {}
 
     # -- settings --------------------------------------------------------------------------------------------------
     @property
@@ -452,7 +452,10 @@ class RetrievalStudy:
         p = self.p
         sgd = p["train_optimizer"] == "sgd"
         steps = p["train_steps"] if steps is None else int(steps)
-        distinct = None if distinct is None or int(distinct) >= n_aug else int(distinct)
+        if distinct is not None and not 1 <= int(distinct) <= n_aug:
+            raise RClipError(f"distinct={distinct}: a control keeps 1 to {n_aug} distinct augmented points per pair "
+                             f"(distinct_counts)")
+        distinct = None if distinct is None or int(distinct) == n_aug else int(distinct)
         return MA2TConfig(method, augment=augment, n_aug=n_aug, select=select, eps=self.eps, n_pairs=n_pairs,
                           n_false=int(n_false), distinct=distinct,
                           attack_steps=p["train_attack_steps"],
@@ -471,14 +474,17 @@ class RetrievalStudy:
         return self.train_cfg(method, augment, steps=self.p.get("aug_steps") or None, **kw)
 
     def name(self, cfg: MA2TConfig | None) -> str:
-        """The row label of a configuration (``None``: the undefended CLIP); a training seed other than the run's
-        and a step count other than ``train_steps`` are named."""
+        """The row label of a configuration (``None``: the undefended CLIP); MAT's text adversary other than the
+        threat model, a training seed other than the run's and a step count other than ``train_steps`` are named.
+        It also names the trained model and its evaluations here (:meth:`model` refuses two configurations under
+        one name)."""
         if cfg is None:
             return UNDEFENDED
         seed = "" if cfg.train.seed == self.p["seed"] else f" (seed {cfg.train.seed})"
+        adversary = f" ({cfg.text.source} adversary)" if cfg.method == "mat" and cfg.text.source != self.source else ""
         steps = "" if cfg.n_pairs is None and cfg.train.steps == self.p["train_steps"] else f"{cfg.train.steps} steps"
         regime = f" ({cfg.n_pairs} pairs, {steps})" if cfg.n_pairs is not None else f" ({steps})" if steps else ""
-        return cfg.label() + (" (top-aligned)" if cfg.select == "aligned" else "") + regime + seed
+        return cfg.label() + adversary + (" (top-aligned)" if cfg.select == "aligned" else "") + regime + seed
 
     @property
     def seeds(self) -> list[int]:
@@ -559,8 +565,8 @@ class RetrievalStudy:
                         + (f" (augmentation experiments: {p['aug_steps']} steps)"
                            if p.get("aug_steps") and p["aug_steps"] != p["train_steps"] else ""),
             "schedule chosen on": (f"{len(self.val.images)} validation images (MAT vs MAT_Img under BERT-Attack at "
-                                   f"{', '.join(str(s) for s in sorted(p.get('val_steps') or [p['train_steps']]))} "
-                                   f"steps)" if self.val is not None else "-"),
+                                   f"{', '.join(str(s) for s in self.sweep_steps)} steps)"
+                                   if self.val is not None else "-"),
             "image budgets": ", ".join(self.budgets),
             "world's reference budget": self.reference_text(),
             "evaluation attacks": self.steps_text() + "; SGA scales 0.5/0.75/1.25/1.5, σ 0.05; Co-Attack KL weight 3",
@@ -592,6 +598,9 @@ class RetrievalStudy:
         if cfg is None:
             return self.bundle
         name = self.name(cfg)
+        if self._cfgs.setdefault(name, cfg) != cfg:
+            raise RClipError(f"two training configurations share the name {name!r}: name() must tell them apart "
+                             f"({self._cfgs[name]} vs {cfg})")
         if name not in self.trained:
             self.trained[name], log = ma2t_clip(self.bundle, cfg, self.pairs, self.data_key, progress=False)
             self.logs[name] = {**train_summary(log), "pairs": log.get("train_pairs")}
@@ -786,17 +795,23 @@ class RetrievalStudy:
         return Precondition.above(f"MAT − MAT_Img R@1 under BERT-Attack ({self.source}): distance of its 95 % "
                                   f"interval from 0 (points; estimate {r['estimate']:+.1f})", gap, 0.0)
 
+    @property
+    def sweep_steps(self) -> list[int]:
+        """The step counts :meth:`schedule_sweep` compares: ``val_steps`` and ``train_steps``."""
+        return sorted({int(s) for s in [*(self.p.get("val_steps") or []), self.p["train_steps"]]})
+
     def schedule_sweep(self):
         """How long to train, chosen on validation: at each of ``val_steps`` training steps (the run's seed), MAT's
         and MAT_Img's per-image R@1 under BERT-Attack (the text threat model) on the validation gallery, and the
         paired 95 % interval of MAT − MAT_Img - the :meth:`text_half` precondition, measured on validation images so
-        that the schedule is not chosen on the test split. Index: training steps."""
+        that the schedule is not chosen on the test split. ``train_steps`` is always one of the rows. Index:
+        training steps."""
         import pandas as pd
 
         from rclip.claims import compare
 
         rows = {}
-        for steps in sorted({int(s) for s in self.p.get("val_steps") or [self.p["train_steps"]]}):
+        for steps in self.sweep_steps:
             mat, img = (self.per_image(self.train_cfg(m, steps=steps), "text", split="val") for m in ("mat", "mat_img"))
             r = compare(f"MAT vs MAT_Img under BERT-Attack, {steps} steps", mat, img, metric=R1_METRIC)
             rows[steps] = {"MAT": r["mean_a"], "MAT_Img": r["mean_b"], "MAT − MAT_Img": r["estimate"],
