@@ -385,6 +385,13 @@ def retrieval_reference_budget(run) -> tuple[str, float, str] | None:
     return task, budgets[task], where
 
 
+def _clear_of_zero(record: dict) -> float:
+    """How far a comparison's interval lies from 0 (points, either side; 0 when it straddles 0): the text-half
+    precondition, on the test split (:meth:`RetrievalStudy.text_half`) and on validation (``schedule_sweep``)."""
+    lo, hi = record["ci_low"], record["ci_high"]
+    return lo if lo > 0 else (-hi if hi < 0 else 0.0)
+
+
 class RetrievalStudy:
     """The chapter's experiments on one test gallery: each configuration trained once (:func:`ma2t_clip`, cached on
     disk), each (model, split, budget, text source, attack) evaluated once (kept here), so that every table, figure
@@ -790,8 +797,7 @@ class RetrievalStudy:
         methods = self.table1_methods()
         r = compare("MAT vs MAT_Img under BERT-Attack", self.per_seed(methods["MAT"], "text"),
                     self.per_seed(methods["MAT_Img"], "text"), metric=R1_METRIC)
-        lo, hi = r["ci_low"], r["ci_high"]
-        gap = lo if lo > 0 else (-hi if hi < 0 else 0.0)
+        gap = _clear_of_zero(r)
         return Precondition.above(f"MAT − MAT_Img R@1 under BERT-Attack ({self.source}): distance of its 95 % "
                                   f"interval from 0 (points; estimate {r['estimate']:+.1f})", gap, 0.0)
 
@@ -816,7 +822,7 @@ class RetrievalStudy:
             r = compare(f"MAT vs MAT_Img under BERT-Attack, {steps} steps", mat, img, metric=R1_METRIC)
             rows[steps] = {"MAT": r["mean_a"], "MAT_Img": r["mean_b"], "MAT − MAT_Img": r["estimate"],
                            "95 % CI low": r["ci_low"], "95 % CI high": r["ci_high"],
-                           "text half changes the model": bool(r["ci_low"] > 0 or r["ci_high"] < 0)}
+                           "text half changes the model": _clear_of_zero(r) > 0}
         df = pd.DataFrame(rows).T
         df.index.name = "training steps"
         return df
