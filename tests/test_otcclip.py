@@ -371,3 +371,22 @@ def test_transport_plan_is_the_sinkhorn_plan_of_words_against_patches(tiny):
     cost = (1 - txt.tokens[0][txt.mask[0]] @ img.tokens[0].T).detach().double().numpy()
     ref = pot.sinkhorn(np.full(4, 1 / 4), np.full(cost.shape[1], 1 / cost.shape[1]), cost, 0.1, numItermax=200)
     assert np.allclose(out["plan"].numpy(), ref / ref.sum(1, keepdims=True), atol=1e-3)
+
+
+def test_restricting_a_rematching_to_k_candidates_equals_rematching_with_k(tiny):
+    from rclip.data.pairs import FocusedWorldPairs, PairCorpus
+
+    corpus = PairCorpus.render(FocusedWorldPairs(19, seed=3))
+    imgs = encode_image_tokens(tiny, corpus.images())
+    caps = encode_text_tokens(tiny, corpus.texts)
+    wide = rematch_captions(imgs, caps, RematchConfig(k=8))
+    for k in (1, 3, 8):
+        ref = rematch_captions(imgs, caps, RematchConfig(k=k))                # re-matched from scratch with k
+        got = otc.restrict(wide, k)
+        assert torch.equal(got.candidates, ref.candidates) and torch.equal(got.assigned, ref.assigned)
+        assert torch.allclose(got.distance, ref.distance, atol=1e-6)
+    assert torch.equal(otc.restrict(wide, 1).assigned, wide.candidates[:, 0])   # one candidate: global matching
+    with pytest.raises(RClipError, match="largest k"):
+        otc.restrict(wide, 9)
+    with pytest.raises(RClipError, match="no OT distances"):
+        otc.restrict(rematch_captions(imgs, caps, RematchConfig(k=8, method="global")), 2)

@@ -321,3 +321,74 @@ def test_chapter_regimes_keep_the_papers_settings_and_the_world_setup_carries_ev
     assert images.shape == (len(setup.attacked.layers()) + 2, 3, 32, 32) and titles[0].startswith("[patch]")
     with pytest.raises(RClipError, match="corpus must be"):
         pdef.poison_setup({**p, "corpus": "web"})
+
+
+def test_poison_rates_count_each_attacks_pairs_and_the_regime_is_checked():
+    from rclip.attacks.poison import attack_names, poison_counts
+    from rclip.profiles import notebook_parameters
+
+    p = notebook_parameters("smoke", "04_otcclip")
+    p.update(tasks=["colour"], n_pairs=200, n_test=8, patch_sizes=[3, 3], patch_targets=[0, 1], n_targets=3,
+             captions_per_target=2, backdoor_rate=0.01)
+    setup = pdef.poison_setup(p)
+    names = attack_names(setup.attacked)
+    assert names == ["patch 3px", "patch 3px_2", "blend 0.2", "targeted"]          # repeats numbered
+    counts = poison_counts(setup.attacked)
+    assert counts == {"patch 3px": 2, "patch 3px_2": 2, "blend 0.2": 2, "targeted": 6}
+    assert sum(counts.values()) == setup.n_poison == int(setup.pairs.poisoned.sum())
+    rates = setup.poison_rates
+    assert rates["targeted"] == pytest.approx(100 * 6 / 206) and rates["all attacks"] == pytest.approx(100 * 12 / 206)
+    pre = {c.name: c for c in setup.regime_preconditions(["patch 3px", "targeted"])}
+    assert not pre["poisoned pairs, all attacks (% of the corpus)"].holds          # 5.8 % > 1 %
+    assert pre["patch 3px poisoned pairs (% of the corpus)"].holds is False         # 0.97 % > 0.5 %
+    assert pre["targets of targeted poisoning"].value == 3 and not pre["targets of targeted poisoning"].holds
+    loose = setup.regime_preconditions(["patch 3px", "targeted"], max_rate=10, max_backdoor_rate=1, min_targets=3)
+    assert all(c.holds for c in loose)
+
+
+def test_roclip_bank_is_the_papers_share_of_the_corpus_unless_given():
+    assert pdef.roclip_bank_size(None, 1_000_000) == 21_845 and pdef.roclip_bank_size(None, 10_340) == 226
+    assert pdef.roclip_bank_size(64, None) == 64 and pdef.roclip_bank_size(None, 10) == 1
+    with pytest.raises(RClipError, match="n_corpus"):
+        pdef.roclip_bank_size(None, None)
+    with pytest.raises(RClipError, match=">= 1"):
+        pdef.roclip_bank_size(0, 100)
+    from rclip.profiles import notebook_parameters
+
+    p = {**notebook_parameters("smoke", "04_otcclip"), "roclip_bank": None}
+    assert pdef.chapter_regimes(p, 5000)["RoCLIP"][1].bank_size == 109
+
+
+def test_continued_pretraining_starts_from_the_shipped_clip_on_a_new_crawl():
+    from rclip.profiles import notebook_parameters
+
+    p = notebook_parameters("smoke", "04_otcclip")
+    p.update(model="world", resolution=32, tasks=["colour"], n_pairs=64, n_test=8)
+    with pytest.raises(RClipError, match="resolution: 64"):
+        pdef.poison_setup(p)
+    setup = pdef.poison_setup({**p, "resolution": 64, "corpus": "full"})
+    assert setup.continued and setup.seed == p["seed"] + 1 and setup.attacked.seed == setup.seed
+    assert "shipped world CLIP (64 px)" in setup.model_text and "fine-tuning threat" in setup.scope()
+    scratch = pdef.poison_setup(p | {"model": "rclip-tiny"})
+    assert not scratch.continued and scratch.seed == p["seed"] and "from scratch" in scratch.model_text
+
+
+def test_pool_sweep_scores_ot_and_global_on_nested_pools(tiny, corpus):
+    from types import SimpleNamespace
+
+    truth = SimpleNamespace(describes=lambda i, j: (i + j) % 4 == 0, keeps_poison=lambda i, j: (i + j) % 4 != 0)
+    setup = SimpleNamespace(pairs=SimpleNamespace(poisoned=torch.zeros(len(corpus), dtype=torch.bool),
+                                                  texts=corpus.texts, __len__=lambda: len(corpus)), truth=truth)
+    r = otc.rematch_corpus(tiny, corpus, otc.RematchConfig(k=6))
+    table, items = pdef.pool_sweep({"CLIP": r}, setup, [1, 3, 6])
+    assert list(table.index.get_level_values("k").unique()) == [1, 3, 6]
+    for k in (1, 3, 6):                                          # global takes the first candidate, whatever k
+        assert np.array_equal(items[("CLIP", k, "global")]["precision"], items[("CLIP", 1, "global")]["precision"])
+        hit = [any(truth.describes(i, int(j)) for j in row) for i, row in enumerate(r.candidates[:, :k])]
+        assert table.loc[("CLIP", k, "ot"), "pool hit"] == pytest.approx(100 * np.mean(hit))
+    assert np.array_equal(items[("CLIP", 1, "ot")]["precision"], items[("CLIP", 1, "global")]["precision"])
+    ot6 = [truth.describes(i, int(j)) for i, j in enumerate(r.assigned)]
+    assert table.loc[("CLIP", 6, "ot"), "precision"] == pytest.approx(100 * np.mean(ot6))
+    sweep, _ = pdef.weight_sweep({"CLIP": r}, setup, [0.5])
+    assert sweep.loc[("CLIP", 0.0), "precision"] == table.loc[("CLIP", 6, "ot"), "precision"]
+    assert sweep.loc[("CLIP", 1.0), "precision"] == table.loc[("CLIP", 6, "global"), "precision"]

@@ -457,17 +457,18 @@ class _TargetedLayer:
     """Targeted poisoning inside a :class:`PoisonedCorpus` (what :func:`threat_report` reads)."""
 
     def __init__(self, task_name: str, images: torch.Tensor, labels: torch.Tensor, adversarial: torch.Tensor,
-                 first: int):
+                 first: int, n_poison: int):
         self.task, self._images, self._labels, self._adversarial = task_name, images, labels, adversarial
-        self.first = first                   # the first pair this attack made
+        self.first, self.n_poison = first, n_poison     # the first pair this attack made, and how many it made
 
     def target_images(self):
         return self._images, self._labels.clone(), self._adversarial.clone()
 
 
 class _BackdoorLayer:
-    def __init__(self, task_name: str, config: BackdoorConfig, first: int):
+    def __init__(self, task_name: str, config: BackdoorConfig, first: int, n_poison: int):
         self.task, self.config, self.trigger, self.first = task_name, config, config.trigger, first
+        self.n_poison = n_poison
 
 
 class PoisonedCorpus(Dataset):
@@ -503,7 +504,7 @@ class PoisonedCorpus(Dataset):
                 self.poisoned[i], self.adversarial_label[i] = True, cfg.target_label
                 self._triggers[i] = cfg.trigger
                 self._texts[i] = self.class_text(cfg.target_label, rng)
-            self._layers.append(_BackdoorLayer(task.name, cfg, chosen[0]))
+            self._layers.append(_BackdoorLayer(task.name, cfg, chosen[0], count))
         self._targets = torch.zeros(0, dtype=torch.long)
         if targeted is not None:
             rng = np.random.default_rng([int(targeted.seed), 0x7A26])
@@ -521,7 +522,8 @@ class PoisonedCorpus(Dataset):
             self._texts += [self.class_text(int(adversarial[t]), rng) for t in self._targets.tolist()]
             self.poisoned = torch.cat([self.poisoned, torch.ones(len(self._targets), dtype=torch.bool)])
             self.adversarial_label = torch.cat([self.adversarial_label, adversarial[self._targets]])
-            self._layers.append(_TargetedLayer(task.name, self._target_images, labels, adversarial, n))
+            self._layers.append(_TargetedLayer(task.name, self._target_images, labels, adversarial, n,
+                                              len(self._targets)))
         self.texts = self._texts
         self._class_texts = [{t.format(c) for t in task.templates} for c in task.classnames]
 
@@ -627,28 +629,47 @@ def threat_items(bundle, dataset: "PoisonedPairs | PoisonedCorpus", *, n_test: i
 
     out: dict[str, dict] = {}
     classifiers: dict[str, torch.nn.Module] = {}
-    for layer in dataset.layers():
+    for layer, key in zip(dataset.layers(), attack_names(dataset)):
         if layer.task not in classifiers:
             classifiers[layer.task] = zeroshot.zeroshot_classifier(bundle, test_task(layer.task, 1))
         clf = classifiers[layer.task]
         if hasattr(layer, "target_images"):
             images, labels, adversarial = layer.target_images()
             pred = zeroshot.predict(clf, images, batch_size)
-            name, target = "targeted", -1
+            target = -1
             entry = {"hit": pred == adversarial, "base": pred == labels, "labels": labels}
         else:
             x, y = test_task(layer.task, n_test).tensors(n_test)
             triggered, labels = backdoor_test_images(x, y, layer.trigger, layer.config.target_label)
             clean = x[y != layer.config.target_label]
-            trig, target = layer.trigger, int(layer.config.target_label)
-            name = f"patch {trig.side(dataset.resolution)}px" if trig.kind == "patch" else f"blend {trig.alpha:g}"
+            target = int(layer.config.target_label)
             entry = {"hit": zeroshot.predict(clf, triggered, batch_size) == target,
                      "base": zeroshot.predict(clf, clean, batch_size) == target, "labels": labels}
-        key, k = name, 2
-        while key in out:
-            key, k = f"{name}_{k}", k + 1
         out[key] = {"task": layer.task, "target": target, **entry}
     return out
+
+
+def attack_names(dataset: "PoisonedPairs | PoisonedCorpus") -> list[str]:
+    """The name of each attack layer of ``dataset``, in ``layers()`` order: ``targeted``, ``patch <side>px`` or
+    ``blend <alpha>``, with ``_2``, ``_3``… on repeats (the keys of :func:`threat_items`)."""
+    names: list[str] = []
+    for layer in dataset.layers():
+        if hasattr(layer, "target_images"):
+            name = "targeted"
+        else:
+            trig = layer.trigger
+            name = f"patch {trig.side(dataset.resolution)}px" if trig.kind == "patch" else f"blend {trig.alpha:g}"
+        key, k = name, 2
+        while key in names:
+            key, k = f"{name}_{k}", k + 1
+        names.append(key)
+    return names
+
+
+def poison_counts(dataset: "PoisonedPairs | PoisonedCorpus") -> dict[str, int]:
+    """Poisoned pairs each attack of ``dataset`` made, by :func:`attack_names`."""
+    return {name: int(layer.own.sum()) if hasattr(layer, "own") else int(layer.n_poison)
+            for name, layer in zip(attack_names(dataset), dataset.layers())}
 
 
 def threat_report(bundle, dataset: "PoisonedPairs | PoisonedCorpus", *, n_test: int = 400, batch_size: int = 256
@@ -671,5 +692,5 @@ def _task(name: str) -> TaskDef:
 
 __all__ = ["Trigger", "PoisonedPairs", "TargetedPoisonConfig", "TargetedPoisonPairs", "BackdoorConfig",
            "BackdoorPairs", "targeted_poison", "backdoor_poison", "backdoor_test_images", "attack_success_rate",
-           "class_caption", "class_captions", "spec_label", "threat_items", "threat_report",
+           "class_caption", "class_captions", "spec_label", "threat_items", "threat_report", "attack_names", "poison_counts",
            "GroundTruth", "PoisonedCorpus"]

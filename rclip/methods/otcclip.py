@@ -437,6 +437,19 @@ def rematch_items(assigned: torch.Tensor, describes: Callable[[int, int], bool] 
     return out
 
 
+def restrict(rematch: "Rematch", k: int) -> "Rematch":
+    """The re-matching the same model would make with only the ``k`` most similar candidates of each image: the
+    first k columns of the pools (they are sorted by decreasing global cosine, so they are exactly the top-k pools),
+    the OT choice re-taken among them. Global matching's choice (the first candidate) does not depend on k."""
+    if rematch.distance is None:
+        raise RClipError("a global re-matching has no OT distances to restrict; re-match with method='ot'")
+    if not 1 <= k <= rematch.candidates.shape[1]:
+        raise RClipError(f"k={k} must be between 1 and the {rematch.candidates.shape[1]} candidates re-matched; "
+                         "re-match with the largest k you need")
+    cand, sims, dist = rematch.candidates[:, :k], rematch.similarity[:, :k], rematch.distance[:, :k]
+    return Rematch(cand.gather(1, dist.argmin(1, keepdim=True))[:, 0], cand, sims, dist, "ot")
+
+
 def mixed_choice(rematch: "Rematch", weight: float) -> torch.Tensor:
     """The caption each image of an OT re-matching would get under the mixed distance (1 - w) · OT + w · (1 - global
     cosine), on the same candidate pools: (N,) caption indices. w = 0 is the OT choice, w = 1 the most similar
@@ -727,6 +740,6 @@ class OTCCLIPTrainer(Trainer):
 
 __all__ = ["ot_contrastive_loss", "TokenFeatures", "token_set", "image_tokens", "text_tokens", "encode_image_tokens",
            "encode_text_tokens", "OTConfig", "ot_distance", "candidate_distances", "topk_similar", "RematchConfig",
-           "Rematch", "rematch_captions", "rematch_report", "rematch_items", "mixed_choice", "transport_plan",
+           "Rematch", "rematch_captions", "rematch_report", "rematch_items", "restrict", "mixed_choice", "transport_plan",
            "AlignmentConfig", "inter_modality_loss", "intra_modality_loss", "alignment_losses", "rematch_corpus",
            "OTCCLIPConfig", "TokenCLIP", "OTCCLIPTrainer"]

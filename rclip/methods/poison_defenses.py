@@ -306,17 +306,25 @@ def pretrain_defense(bundle, corpus, method: str, schedule: PretrainConfig, conf
     return log, trainer.report()
 
 
+def initial_clip(model: str, seed: int, *, device="cpu"):
+    """The CLIP every regime starts from: ``models.load(model)`` after seeding torch with ``seed`` — random weights
+    for an architecture (pre-training from scratch), the shipped weights for ``"world"`` (continued pre-training)."""
+    from rclip import models
+
+    torch.manual_seed(seed)
+    return models.load(model, device=device)
+
+
 def defended_clip(model: str, corpus, corpus_key: dict, method: str, schedule: PretrainConfig, config=None, *,
                   device="cpu", progress: bool = True):
-    """A CLIP pre-trained from scratch (``models.load(model)``, initialised from ``schedule.seed``) on ``corpus``
-    with ``method``, cached under ``$RCLIP_CACHE/poison_defenses`` by all the settings and ``corpus_key``; an
-    interrupted run resumes. Returns ``(bundle, log, report)``."""
-    from rclip import models
+    """A CLIP pre-trained on ``corpus`` with ``method`` from :func:`initial_clip` (``model``, ``schedule.seed``):
+    from scratch, or further from the shipped world CLIP when ``model`` is ``"world"``; cached under
+    ``$RCLIP_CACHE/poison_defenses`` by all the settings and ``corpus_key``; an interrupted run resumes. Returns
+    ``(bundle, log, report)``."""
     from rclip.train import train_cached
 
     def train(run_dir):
-        torch.manual_seed(schedule.seed)
-        bundle = models.load(model, device=device)
+        bundle = initial_clip(model, schedule.seed, device=device)
         log, report = pretrain_defense(bundle, corpus, method, schedule, config, out_dir=run_dir, progress=progress)
         return bundle, log, report
 
@@ -380,6 +388,37 @@ class PoisonSetup:
     targeted: object
     epochs: int
     preprocess: object = None
+    continued: bool = False
+    seed: int = 0
+
+    @property
+    def poison_rates(self) -> dict:
+        """Poisoned pairs per attack, and all of them, as a percentage of the corpus pairs (what the papers call
+        the poison rate): ``{attack name: %, "all attacks": %}``, attack names as
+        :func:`~rclip.attacks.poison.attack_names` gives them."""
+        from rclip.attacks.poison import poison_counts
+
+        n = len(self.pairs)
+        rates = {name: 100.0 * count / n for name, count in poison_counts(self.attacked).items()}
+        rates["all attacks"] = 100.0 * self.n_poison / n
+        return rates
+
+    def regime_preconditions(self, attacks, *, max_rate: float = 1.0, max_backdoor_rate: float = 0.5,
+                             min_targets: int = 50) -> list:
+        """The papers' regime, as preconditions of a claim on ``attacks``: every poisoned pair of the corpus at most
+        ``max_rate`` % of it, each backdoor's pairs at most ``max_backdoor_rate`` %, and targeted poisoning over at
+        least ``min_targets`` targets (one target then moves the ASR by at most 2 points)."""
+        from rclip.claims import Precondition
+
+        rates = self.poison_rates
+        pre = [Precondition.at_most("poisoned pairs, all attacks (% of the corpus)", rates["all attacks"], max_rate)]
+        for a in attacks:
+            if a == "targeted":
+                pre.append(Precondition.at_least("targets of targeted poisoning", self.targeted.n_targets,
+                                                 min_targets))
+            elif a in rates:
+                pre.append(Precondition.at_most(f"{a} poisoned pairs (% of the corpus)", rates[a], max_backdoor_rate))
+        return pre
 
     @property
     def n_poison(self) -> int:
@@ -391,6 +430,9 @@ class PoisonSetup:
 
     @property
     def model_text(self) -> str:
+        if self.continued:
+            return (f"the shipped world CLIP ({self.resolution} px) pre-trained further for {self.epochs} epochs on a "
+                    f"new crawl")
         return f"{self.model} ({self.resolution} px) pre-trained from scratch for {self.epochs} epochs"
 
     def sentence(self) -> str:
@@ -421,6 +463,13 @@ class PoisonSetup:
             return ("The paper's own setting: a CLIP pre-trained from scratch on a web corpus under each defense, "
                     "measured on real zero-shot sets; re-matching precision cannot be scored (no ground truth), only "
                     "how much poison it breaks.")
+        if self.continued:
+            return ("The fine-tuning threat that RoCLIP and SafeCLIP also evaluate: a competent CLIP (the shipped world "
+                    "CLIP, which knows colour, texture and count and mostly shape) is pre-trained further on a new "
+                    "crawl that carries the attacks, under each defense. Because the victim starts competent, an "
+                    "attack's success is not confounded with a model that never learned the task, and the candidate "
+                    "pools hold true captions, so re-matching precision can be compared. It cannot show what happens "
+                    "when the poison is present from the first step of pre-training from scratch (profile gpu).")
         if self.resolution < 64:
             return ("Whether the calibrated attacks poison an undefended pre-training, whether each defense removes "
                     "them and at what cost in accuracy, and how precise re-matching is for a CLIP this small, all on "
@@ -464,6 +513,15 @@ def poison_setup(p: dict) -> PoisonSetup:
     if p["scale"] != "world":
         raise RClipError(f"scale must be 'world' or 'paper', got {p['scale']!r}")
     n, res, mentions = int(p["n_pairs"]), int(p["resolution"]), list(p["focused_mentions"])
+    continued = p["model"] == "world"
+    if continued:
+        from rclip.world_clip import DEFAULTS
+
+        if res != DEFAULTS["resolution"]:
+            raise RClipError(f"model 'world' continues the shipped world CLIP, which reads {DEFAULTS['resolution']}-px "
+                             f"images; set resolution: {DEFAULTS['resolution']} (got {res}), or name an architecture "
+                             "(e.g. rclip-tiny) to pre-train from scratch")
+        seed = seed + 1        # a new crawl: the shipped CLIP was pre-trained on the world's stream of seed 0
     if p["corpus"] == "focused":
         base = FocusedWorldPairs(n, resolution=res, seed=seed, mentions=tuple(mentions), size=1)
         text = f"{n} world pairs of one large object each, captions stating its {' and/or '.join(mentions)}"
@@ -481,8 +539,9 @@ def poison_setup(p: dict) -> PoisonSetup:
            "attacks": [repr(a) for a in backdoors] + [repr(targeted)]}
     names = list(dict.fromkeys([*p["tasks"], p["attack_task"]]))
     tasks = {t: world.zeroshot_task(t, split="test", n=n_test, resolution=res, seed=seed) for t in names}
+    # (the crawl's seed throughout: the targets and the backdoor test images are drawn from these same test streams)
     return PoisonSetup("world", p["model"], res, cached_corpus(poisoned, key), poisoned, GroundTruth(poisoned), tasks,
-                       p["attack_task"], key, text, backdoors, targeted, p["epochs"])
+                       p["attack_task"], key, text, backdoors, targeted, p["epochs"], continued=continued, seed=seed)
 
 
 def example_pairs(setup: PoisonSetup, n_clean: int = 4) -> tuple[torch.Tensor, list[str]]:
@@ -506,12 +565,31 @@ def chapter_schedule(p: dict) -> PretrainConfig:
                           seed=p["seed"], num_workers=p["num_workers"])
 
 
-def chapter_regimes(p: dict) -> dict[str, tuple[str, object]]:
+#: RoCLIP's memory bank relative to its corpus: 21 845 captions for its 1 M-pair CC3M subset.
+ROCLIP_BANK_PER_PAIR = 21_845 / 1_000_000
+
+
+def roclip_bank_size(bank: int | None, n_corpus: int | None) -> int:
+    """RoCLIP's memory-bank size: ``bank`` if given, else the paper's size relative to a corpus of ``n_corpus``
+    pairs (:data:`ROCLIP_BANK_PER_PAIR`, at least 1)."""
+    if bank is not None:
+        if int(bank) < 1:
+            raise RClipError(f"roclip_bank must be >= 1 (or None for the paper's size relative to the corpus); "
+                             f"got {bank}")
+        return int(bank)
+    if n_corpus is None:
+        raise RClipError("roclip_bank is None (the paper's size relative to the corpus) but the corpus size is "
+                         "unknown: pass n_corpus")
+    return max(1, round(ROCLIP_BANK_PER_PAIR * int(n_corpus)))
+
+
+def chapter_regimes(p: dict, n_corpus: int | None = None) -> dict[str, tuple[str, object]]:
     """The chapter's six regimes, name -> (method, config): CLIP, RoCLIP, SafeCLIP, OTCCLIP, and OTCCLIP without
     its OT objectives ("OT matching only") or without applying its re-matching ("OT losses only"; the matching is
     still computed and recorded).
 
-    From the parameters ``roclip_bank``, ``safeclip_unimodal_epochs``, ``safeclip_lowlr_scale``,
+    From the parameters ``roclip_bank`` (None: the paper's bank relative to a corpus of ``n_corpus`` pairs,
+    :func:`roclip_bank_size`), ``safeclip_unimodal_epochs``, ``safeclip_lowlr_scale``,
     ``safeclip_growth``, ``otc_every``, ``otc_k``, ``otc_inter``, ``otc_intra`` (both intra-modality terms),
     ``otc_negatives`` and ``otc_ot_iters``; the rest are the configs' defaults, the papers' settings: RoCLIP's
     break_epoch 2, SafeCLIP's one low-lr epoch, p ≥ 0.9 and 85 % cap, OTCCLIP's first re-matching at epoch 1, the
@@ -530,7 +608,7 @@ def chapter_regimes(p: dict) -> dict[str, tuple[str, object]]:
 
     return {
         "CLIP": ("clip", None),
-        "RoCLIP": ("roclip", RoCLIPConfig(bank_size=p["roclip_bank"])),
+        "RoCLIP": ("roclip", RoCLIPConfig(bank_size=roclip_bank_size(p["roclip_bank"], n_corpus))),
         "SafeCLIP": ("safeclip", SafeCLIPConfig(unimodal_epochs=p["safeclip_unimodal_epochs"],
                                                 lowlr_scale=p["safeclip_lowlr_scale"],
                                                 safe_growth=p["safeclip_growth"])),
@@ -545,7 +623,7 @@ def train_regimes(setup: PoisonSetup, p: dict, *, device="cpu", progress: bool =
     """Pre-train every regime of :func:`chapter_regimes` on ``setup.pairs`` with :func:`chapter_schedule` (cached
     by :func:`defended_clip`). Returns ``({name: bundle}, {name: training log}, {name: trainer report})``."""
     trained, logs, reports = {}, {}, {}
-    for name, (method, cfg) in chapter_regimes(p).items():
+    for name, (method, cfg) in chapter_regimes(p, len(setup.pairs)).items():
         trained[name], logs[name], reports[name] = defended_clip(setup.model, setup.pairs, setup.corpus_key, method,
                                                                  chapter_schedule(p), cfg, device=device,
                                                                  progress=progress)
@@ -560,7 +638,7 @@ def probe_sets(setup: PoisonSetup, p: dict) -> dict:
 
     n = int(p["n_probe"])
     if setup.scale == "world":
-        return {t: tuple(world.zeroshot_task(t, split=s, n=m, resolution=setup.resolution, seed=p["seed"]).tensors()
+        return {t: tuple(world.zeroshot_task(t, split=s, n=m, resolution=setup.resolution, seed=setup.seed).tensors()
                          for s, m in (("train", n), ("val", n // 2))) + (task.tensors(),)
                 for t, task in setup.tasks.items()}
     train = data.paper_tasks(p["inputs"], setup.preprocess, names=list(setup.tasks), n=n + n // 2, split="train")
@@ -658,12 +736,14 @@ class Evaluation:
                                       min_clean) for t in tasks]
 
     def asr_claim(self, claim: str, lower: str, higher: str, attacks, *, victim: str = "CLIP",
-                  min_asr: float = 50.0, min_clean: float = 80.0, source: str = "paper", note: str = "") -> dict:
+                  min_asr: float = 50.0, min_clean: float = 80.0, source: str = "paper", note: str = "",
+                  preconditions=()) -> dict:
         """The claim that ``lower`` has a lower attack success than ``higher`` on ``attacks``, item by item (the
         attacks' items concatenated). Preconditions: the undefended ``victim`` is poisoned (its lowest ASR over
         ``attacks`` at least ``min_asr`` %); ``victim``, ``lower`` and ``higher`` above chance on every attacked
         task (the Wilson lower end of the clean top-1 above 1/K: an ASR of 0 from a model that learned nothing
-        counts for nothing); :meth:`victim_preconditions`."""
+        counts for nothing); :meth:`victim_preconditions`; and ``preconditions`` (e.g. the papers' poison regime,
+        :meth:`PoisonSetup.regime_preconditions`)."""
         from rclip.claims import Precondition, compare
 
         attacks = list(attacks)
@@ -671,7 +751,7 @@ class Evaluation:
         pre = [Precondition.at_least(f"{victim}'s ASR, lowest over {', '.join(attacks)} (%)", lowest, min_asr)]
         for m in dict.fromkeys([victim, higher, lower]):
             pre += self.knows(m, [self.threats[victim][a]["task"] for a in attacks])
-        pre += self.victim_preconditions(victim, min_clean)
+        pre += self.victim_preconditions(victim, min_clean) + list(preconditions)
         items = ("target images" if attacks == ["targeted"] else "triggered images"
                  if "targeted" not in attacks else "attacked items")
         return compare(claim, _concat(self.asr_items(higher, a) for a in attacks),
@@ -763,25 +843,55 @@ def roclip_matches(setup: PoisonSetup, report: dict):
     return pd.DataFrame(rows, columns=["epoch", "matched images", "precision", "poison broken"]).set_index("epoch")
 
 
-def weight_sweep(trained: dict, setup: PoisonSetup, k: int, weights, runs=("CLIP", "OTCCLIP", "OT losses only")):
-    """Re-match the whole corpus once per final model (top-``k`` candidates by global cosine, then OT distances),
-    and choose by the mixed distance (1 - w) · OT + w · (1 - cos) for each w of ``weights`` (0 and 1 always
-    included: pure OT and global matching on the same pools). Returns ``(table, items)``: one row per (model, w) of
-    :func:`item_means` and ``{(model, w): per-item outcomes}``."""
+def rematch_models(bundles: dict, setup: PoisonSetup, k: int) -> dict:
+    """Re-match the whole corpus once with each model of ``bundles`` ({name: bundle}): its top-``k`` candidates by
+    global cosine, then their OT distances (50 Sinkhorn iterations, as in training). Returns {name:
+    :class:`~rclip.methods.otcclip.Rematch`}, from which :func:`weight_sweep` and :func:`pool_sweep` read every
+    smaller pool and every mix without re-encoding."""
+    from rclip.methods import otcclip as otc
+
+    cfg = otc.RematchConfig(k=k, ot=otc.OTConfig(max_iter=50, tol=1e-4))
+    return {name: otc.rematch_corpus(bundle, setup.pairs, cfg) for name, bundle in bundles.items()}
+
+
+def weight_sweep(rematches: dict, setup: PoisonSetup, weights):
+    """Choose each image's caption from its pool (``rematches``: :func:`rematch_models`) by the mixed distance
+    (1 - w) · OT + w · (1 - cos) for each w of ``weights`` (0 and 1 always included: pure OT and global matching on
+    the same pools). Returns ``(table, items)``: one row per (model, w) of :func:`item_means` and
+    ``{(model, w): per-item outcomes}``."""
     import pandas as pd
 
     from rclip.methods import otcclip as otc
 
     weights = sorted({0.0, 1.0, *map(float, weights)})
     rows, items = {}, {}
-    for name in runs:
-        r = otc.rematch_corpus(trained[name], setup.pairs, otc.RematchConfig(k=k, ot=otc.OTConfig(max_iter=50,
-                                                                                                 tol=1e-4)))
+    for name, r in rematches.items():
         for w in weights:
             items[(name, w)] = it = match_items(setup, otc.mixed_choice(r, w), r.candidates)
             rows[(name, w)] = item_means(it, setup.pairs.poisoned)
     table = pd.DataFrame(rows).T
     table.index.names = ["model", "global weight w"]
+    return table, items
+
+
+def pool_sweep(rematches: dict, setup: PoisonSetup, ks):
+    """OT against global re-matching on the same pools, for each pool size k of ``ks`` (each at most the k of
+    ``rematches``): the pools are each image's k most similar captions, global matching takes the first, OT matching
+    the one at the smallest OT distance (:func:`~rclip.methods.otcclip.restrict`). Returns ``(table, items)``: one
+    row per (model, k, matching) of :func:`item_means`, and ``{(model, k, matching): per-item outcomes}``."""
+    import pandas as pd
+
+    from rclip.methods import otcclip as otc
+
+    rows, items = {}, {}
+    for name, r in rematches.items():
+        for k in sorted(set(map(int, ks))):
+            sub = otc.restrict(r, k)
+            for how, choice in (("global", sub.candidates[:, 0]), ("ot", sub.assigned)):
+                items[(name, k, how)] = it = match_items(setup, choice, sub.candidates)
+                rows[(name, k, how)] = item_means(it, setup.pairs.poisoned)
+    table = pd.DataFrame(rows).T
+    table.index.names = ["model", "k", "matching"]
     return table, items
 
 
@@ -828,8 +938,10 @@ def last_event(items: dict, run: str) -> tuple[dict | None, dict | None, int | N
 
 __all__ = ["METHODS", "DEFENSES", "augment_images", "eda", "augment_texts", "masked_contrastive", "PretrainConfig",
            "RoCLIPConfig", "SafeCLIPConfig", "Trainer", "MemoryBank", "RoCLIPTrainer", "fit_gmm_1d",
-           "pair_similarities", "SafeCLIPTrainer", "make_trainer", "pretrain_defense", "defended_clip",
+           "pair_similarities", "SafeCLIPTrainer", "make_trainer", "pretrain_defense", "initial_clip", "defended_clip",
            "REGIMES", "COMPARED", "ABLATION", "attack_configs", "PoisonSetup", "poison_setup", "example_pairs",
-           "chapter_schedule", "chapter_regimes", "train_regimes", "probe_sets", "Evaluation", "evaluate_regimes",
-           "match_items", "item_means", "rematch_events", "roclip_matches", "weight_sweep", "rematch_claim",
+           "chapter_schedule", "ROCLIP_BANK_PER_PAIR", "roclip_bank_size", "chapter_regimes", "train_regimes",
+           "probe_sets", "Evaluation", "evaluate_regimes",
+           "match_items", "item_means", "rematch_events", "roclip_matches", "rematch_models", "weight_sweep",
+           "pool_sweep", "rematch_claim",
            "last_event"]
