@@ -368,6 +368,11 @@ def test_continued_pretraining_starts_from_the_shipped_clip_on_a_new_crawl():
         pdef.poison_setup(p)
     setup = pdef.poison_setup({**p, "resolution": 64, "corpus": "full"})
     assert setup.continued and setup.seed == p["seed"] + 1 and setup.attacked.seed == setup.seed
+    from rclip import world
+
+    x, _ = setup.tasks["colour"].tensors()                     # the test tasks are the crawl seed's test split
+    assert torch.equal(x, world.zeroshot_task("colour", split="test", n=8, resolution=64, seed=setup.seed).tensors()[0])
+    assert not torch.equal(x, world.zeroshot_task("colour", split="test", n=8, resolution=64, seed=p["seed"]).tensors()[0])
     assert "shipped world CLIP (64 px)" in setup.model_text and "fine-tuning threat" in setup.scope()
     scratch = pdef.poison_setup(p | {"model": "rclip-tiny"})
     assert not scratch.continued and scratch.seed == p["seed"] and "from scratch" in scratch.model_text
@@ -378,7 +383,7 @@ def test_pool_sweep_scores_ot_and_global_on_nested_pools(tiny, corpus):
 
     truth = SimpleNamespace(describes=lambda i, j: (i + j) % 4 == 0, keeps_poison=lambda i, j: (i + j) % 4 != 0)
     setup = SimpleNamespace(pairs=SimpleNamespace(poisoned=torch.zeros(len(corpus), dtype=torch.bool),
-                                                  texts=corpus.texts, __len__=lambda: len(corpus)), truth=truth)
+                                                  texts=corpus.texts), truth=truth)
     r = otc.rematch_corpus(tiny, corpus, otc.RematchConfig(k=6))
     table, items = pdef.pool_sweep({"CLIP": r}, setup, [1, 3, 6])
     assert list(table.index.get_level_values("k").unique()) == [1, 3, 6]

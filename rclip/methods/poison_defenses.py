@@ -329,7 +329,11 @@ def defended_clip(model: str, corpus, corpus_key: dict, method: str, schedule: P
         return bundle, log, report
 
     key = {"model": model, "corpus": corpus_key, "method": method, "schedule": schedule, "config": config,
-           "device": torch.device(device).type}   # a from-scratch pre-training: the device changes the numbers
+           "device": torch.device(device).type}   # a pre-training: the device changes the numbers
+    if model == "world":                          # continued from the shipped file: a retrained one is another start
+        from rclip.models import WORLD_CLIP_DIR
+
+        key["start_sha256"] = (WORLD_CLIP_DIR / "SHA256SUMS").read_text().split()[0]
     return train_cached("poison_defenses", key, train, device=device)
 
 
@@ -405,9 +409,10 @@ class PoisonSetup:
 
     def regime_preconditions(self, attacks, *, max_rate: float = 1.0, max_backdoor_rate: float = 0.5,
                              min_targets: int = 50) -> list:
-        """The papers' regime, as preconditions of a claim on ``attacks``: every poisoned pair of the corpus at most
-        ``max_rate`` % of it, each backdoor's pairs at most ``max_backdoor_rate`` %, and targeted poisoning over at
-        least ``min_targets`` targets (one target then moves the ASR by at most 2 points)."""
+        """The regime a claim on ``attacks`` needs, as preconditions: the papers' poison rates — every poisoned pair
+        of the corpus at most ``max_rate`` % of it, each backdoor's pairs at most ``max_backdoor_rate`` % — and the
+        book's statistical bar for targeted poisoning, at least ``min_targets`` targets (one target then moves the
+        ASR by at most 2 points; RoCLIP and SafeCLIP report 16)."""
         from rclip.claims import Precondition
 
         rates = self.poison_rates
@@ -509,7 +514,7 @@ def poison_setup(p: dict) -> PoisonSetup:
                "attack_set": attack_task, "attacks": [repr(a) for a in backdoors] + [repr(targeted)]}
         return PoisonSetup("paper", inputs["model"], blank.image_size, poisoned, poisoned, None, tasks, attack_task,
                            key, f"{len(base)} pairs of {cc3m.get('captions')}", backdoors, targeted, p["epochs"],
-                           blank.preprocess)
+                           blank.preprocess, seed=seed)
     if p["scale"] != "world":
         raise RClipError(f"scale must be 'world' or 'paper', got {p['scale']!r}")
     n, res, mentions = int(p["n_pairs"]), int(p["resolution"]), list(p["focused_mentions"])
