@@ -90,7 +90,7 @@ class Run:
 
     ``results`` must be a JSON-serialisable dict of the notebook's key figures; it is written under the key
     ``results``, apart from the run's metadata (``profile``, ``parameters``, ``seed``, ``device``, ``cpu``,
-    ``versions``, ``revision``, ``wall_s``, ``timings``, ``artefacts``, ``inputs``), so two runs with the same
+    ``engine``, ``versions``, ``revision``, ``wall_s``, ``timings``, ``artefacts``, ``inputs``), so two runs with the same
     profile, seed and device (on a CPU, the same CPU model) have identical ``results``: nothing measured in seconds
     belongs in ``results``.
     """
@@ -135,6 +135,7 @@ class Run:
         self.timings[name] = value
 
     def save(self, results: dict) -> dict:
+        from rclip import engine
         from rclip.world_clip import library_versions
 
         params = {k: v for k, v in self.params.items() if k != "results_path"}
@@ -149,6 +150,7 @@ class Run:
             else cpu_description()["model"],
             "cpu": cpu_description(),
             "threads": torch.get_num_threads(),
+            "engine": engine.describe(),
             "versions": library_versions(),
             "revision": code_revision(),
             "wall_s": round(time.time() - self.t0, 1),
@@ -185,6 +187,9 @@ def start(notebook: str, namespace: dict) -> Run:
     ``namespace``, so the notebook's cells read them as plain variables. A notebook that declares ``threads``
     gets that many torch CPU threads (0: torch's default).
     """
+    from rclip import engine
+
+    engine.mode()                     # an unknown $RCLIP_ENGINE fails here, before any work
     declared = declared_parameters(notebook)
     injected = _injected_parameters(namespace)
     explicit = {k: v for k, v in injected.items() if k not in ("profile",)}
@@ -434,6 +439,10 @@ def verify_book(profile: str = PUBLISHED_PROFILE, *, only: list[str] | None = No
                   f"(published at {_machine_text(published)}; re-run at {_machine_text(rerun)})")
             for where, a, b in diffs:
                 print(f"    {where}: published {a!r}, re-run {b!r}")
+            engines = [(blob.get("engine") or {"mode": "plain"})["mode"] for blob in (published, rerun)]
+            if diffs and engines[0] != engines[1]:
+                print(f"    the published results were computed with engine {engines[0]!r}, the re-run with "
+                      f"{engines[1]!r}: set RCLIP_ENGINE={engines[0]} to re-run as published")
             if diffs and published.get("cpu") != rerun.get("cpu"):
                 print(f"    the two runs did not compute on the same recorded CPU: float kernels differ between CPU "
                       f"models and training amplifies the difference, so re-run on the CPU the published JSON "
@@ -449,6 +458,9 @@ def run_book(profile: str, *, publish: bool = False, only: list[str] | None = No
     only: notebook names (None: all; an empty list is an error). overrides: ``["NB.key=value", ...]``, applied
     on top of the profile (recorded as overridden in the results)."""
     prof = validate_profile(profile)  # fail fast on an unknown profile or a key no notebook declares
+    from rclip import engine
+
+    engine.mode()                     # ... and on an unknown $RCLIP_ENGINE
     if publish and profile != PUBLISHED_PROFILE:
         raise RClipError(f"--publish writes book/, which holds the published profile {PUBLISHED_PROFILE!r}; run "
                          f"profile {profile!r} without --publish (it writes _build/{profile}/)")

@@ -65,10 +65,13 @@ def cache_key(params) -> dict | list | object:
 
 def artefact_path(kind: str, params: dict, suffix: str = "", root: str | Path | None = None) -> Path:
     """``<cache>/<kind>/<key><suffix>``: where an artefact made from ``params`` by this code lives (the key is
-    :func:`cache_key` of ``params`` plus :func:`code_hash`). ``root`` replaces ``$RCLIP_CACHE``."""
+    :func:`cache_key` of ``params`` plus :func:`code_hash` and the engine in force, :func:`rclip.engine.mode`:
+    the fast engine trains in bf16 on the CPU, the plain one in fp32). ``root`` replaces ``$RCLIP_CACHE``."""
+    from rclip import engine
+
     d = (Path(root) if root is not None else cache_root()) / kind
     d.mkdir(parents=True, exist_ok=True)
-    return d / f"{key_of({'params': cache_key(params), 'code': code_hash()})}{suffix}"
+    return d / f"{key_of({'params': cache_key(params), 'code': code_hash(), 'engine': engine.mode()})}{suffix}"
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@
 * Data parallel: launched by ``torchrun``, each rank takes its slice of the global batch, the model is wrapped in
   ``DistributedDataParallel`` and every rank's loss sees all ranks' features (gathered with gradient), so N
   processes compute the same update as one process with the whole batch.
-* Mixed precision: bfloat16 autocast on CUDA (no loss scaling needed); fp32 on CPU.
+* Mixed precision: bfloat16 autocast on CUDA (no loss scaling needed), and on the CPU under the fast engine
+  (:mod:`rclip.engine`; ``RCLIP_ENGINE=plain`` trains in fp32 there). Losses are computed in fp32.
 * Checkpoints: every ``ckpt_every`` steps into ``out_dir/ckpt-<step>/``, announced by rewriting
   ``out_dir/latest.json`` last; resume verifies the model file's sha256 before trusting it.
 * Hooks (:class:`TrainHooks`): a method whose data change between epochs (caption re-matching, a memory bank, a
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from rclip import engine
 from rclip.cache import atomic_path, write_json
 from rclip.errors import RClipError
 from rclip.models import CLIPBundle, read_state_dict, sha256
@@ -268,10 +270,11 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (default) or SGD with momentum over the trainable parameters, weight decay off for gains and biases."""
+    """AdamW (default) or SGD with momentum over the trainable parameters, weight decay off for gains and biases.
+    Under the fast engine (:mod:`rclip.engine`) AdamW is PyTorch's fused kernel (the same update, one pass)."""
     groups = _param_groups(model, cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=engine.fast() or None)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     raise RClipError(f"unknown optimizer {cfg.optimizer!r}; choose 'adamw' or 'sgd'")
@@ -295,9 +298,8 @@ def contrastive_step(bundle: CLIPBundle, rank: int, world: int) -> LossFn:
         device = bundle.device
         images = batch["images"].to(device, non_blocking=True)
         tokens = bundle.tokenizer(batch["texts"]).to(device, non_blocking=True)
-        img_f, txt_f, scale = train_model(bundle.normalize(images), tokens)[:3]  # under fit's autocast
-        with torch.autocast(device_type=device.type, enabled=False):              # the loss in fp32
-            return contrastive_loss(img_f.float(), txt_f.float(), scale.float(), rank, world)
+        img_f, txt_f, scale = train_model(bundle.normalize(images), tokens)[:3]  # fp32 outputs (see fit)
+        return contrastive_loss(img_f.float(), txt_f.float(), scale.float(), rank, world)
     return loss_fn
 
 
@@ -317,7 +319,8 @@ def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | P
 
     ``net`` is ``module`` (a submodule of ``bundle.model`` that the loss calls, e.g. ``model.visual``; default the
     whole model), wrapped in DDP under ``torchrun``: the loss must run its trainable forward through ``net`` so
-    gradients are synchronised. On CUDA the loss runs under bf16 autocast. ``hooks`` (:class:`TrainHooks`) run
+    gradients are synchronised. ``net``'s forward runs as :class:`rclip.engine.TrainingForward` runs it (bf16
+    autocast on CUDA, and on the CPU under the fast engine; outputs in fp32, so losses are fp32). ``hooks`` (:class:`TrainHooks`) run
     before every step, scale its learning rate, and have their state checkpointed and resumed with the model.
 
     Returns the training log: config, per-step records (loss, lr, logit scale, samples, seconds) and evaluations.
@@ -348,12 +351,12 @@ def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | P
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = engine.TrainingForward(train_model, device, cfg.amp)
 
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, cfg.steps, start=start, rank=rank, world=world,
                                seed=cfg.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_collate, num_workers=cfg.num_workers,
                         persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)
-    use_amp = cfg.amp and device.type == "cuda"
     t0 = time.time() - log["wall_s"]
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress or rank != 0, desc=desc, dynamic_ncols=True)
     step = start
@@ -363,8 +366,7 @@ def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | P
         lr = lr_at(step, cfg) * (hooks.lr_scale(step) if hooks is not None else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = loss_fn(train_model, batch)
+        loss = loss_fn(train_model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:

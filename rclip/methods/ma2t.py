@@ -200,9 +200,8 @@ def ma2t_step(bundle, cfg: MA2TConfig, rank: int = 0, world: int = 1) -> LossFn:
         return bundle.tokenizer(list(texts)).to(device)
 
     def clip_loss(net, images, texts):
-        img_f, txt_f, scale = net(bundle.normalize(images), tokens(texts))[:3]
-        with torch.autocast(device_type=device.type, enabled=False):
-            return contrastive_loss(img_f.float(), txt_f.float(), scale.float(), rank, world)
+        img_f, txt_f, scale = net(bundle.normalize(images), tokens(texts))[:3]      # fp32 outputs (fit's engine)
+        return contrastive_loss(img_f.float(), txt_f.float(), scale.float(), rank, world)
 
     def loss_fn(net, batch):
         x = batch["images"].to(device).float()

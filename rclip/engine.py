@@ -1,0 +1,116 @@
+"""How the library spends its compute: the *fast* engine (default) or the *plain* one, for comparison.
+
+The two differ only where a measurement (``benchmarks/bench_engine.py``) showed that speed was on the table:
+
+* **Training** (:class:`TrainingForward`, used by :func:`rclip.train.fit`, the one trainer): the fast engine runs
+  the trained network's forward under bfloat16 autocast on the CPU as on CUDA (CPUs with AVX512-BF16 / AMX multiply
+  bf16 matrices several times faster than fp32) and, on the CPU, with PyTorch's plain ("math") scaled-dot-product
+  attention, whose backward is faster than the fused CPU kernel at these sequence lengths (much faster in bf16);
+  AdamW is PyTorch's fused kernel (:func:`rclip.train.make_optimizer`). Losses are computed in fp32 and the
+  optimiser keeps fp32 weights. The plain engine trains in fp32 on the CPU (bf16 autocast on CUDA). A model trained
+  by one engine differs from the other's (rounding, amplified by training): the engine is part of every cache key
+  (:func:`rclip.cache.artefact_path`) and of every result's metadata.
+* **Attacks and evaluation** are the same under both engines: fp32 (:func:`rclip.attacks.image.fp32_eval`), also
+  the inner attacks of adversarial training, and PyTorch's default attention kernels. Measured and not taken
+  (``benchmarks/README.md``): freezing the weights during an attack (no gain), ``torch.compile`` of the towers
+  (under 10 % for about 30 s of compilation per input shape).
+
+Choose with the environment variable ``RCLIP_ENGINE`` (``fast`` or ``plain``; it reaches the notebooks' kernels)
+or :func:`use`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+from rclip.errors import RClipError
+
+MODES = ("fast", "plain")
+ENV = "RCLIP_ENGINE"
+
+
+def mode() -> str:
+    """The engine in force: ``$RCLIP_ENGINE`` (default ``fast``), validated."""
+    value = os.environ.get(ENV, "fast").strip().lower() or "fast"
+    if value not in MODES:
+        raise RClipError(f"{ENV}={os.environ.get(ENV)!r} is not an engine: set it to one of {MODES} (or unset it "
+                         f"for 'fast')")
+    return value
+
+
+def fast() -> bool:
+    return mode() == "fast"
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    """Run the block (and the notebook kernels it starts) under engine ``name``; the previous setting is restored."""
+    if name not in MODES:
+        raise RClipError(f"unknown engine {name!r}; choose one of {MODES}")
+    previous = os.environ.get(ENV)
+    os.environ[ENV] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = previous
+
+
+def training_dtype(device: torch.device | str, amp: bool = True) -> torch.dtype:
+    """The autocast dtype a training step's forward runs in: bf16 where ``amp`` and (CUDA, or the CPU under the fast
+    engine); else fp32."""
+    device = torch.device(device)
+    if amp and (device.type == "cuda" or (device.type == "cpu" and fast())):
+        return torch.bfloat16
+    return torch.float32
+
+
+class TrainingForward(torch.nn.Module):
+    """``module`` as a training step calls it: its forward runs under bf16 autocast where :func:`training_dtype`
+    says so (on the CPU under the fast engine also with the math attention backend), and its floating outputs come
+    back in fp32, so the loss that follows is computed in fp32. Loss functions call the network only (as under
+    DDP), so the wrapper is transparent to them."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device | str, amp: bool = True):
+        super().__init__()
+        self.module = module
+        self.device_type = torch.device(device).type
+        self.dtype = training_dtype(device, amp)
+        self.math_attention = self.device_type == "cpu" and fast()
+
+    def forward(self, *args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast(device_type=self.device_type, dtype=torch.bfloat16,
+                                               enabled=self.dtype == torch.bfloat16))
+            if self.math_attention:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            out = self.module(*args, **kwargs)
+        return _fp32(out) if self.dtype != torch.float32 else out
+
+
+def _fp32(out):
+    """Floating tensors in ``out`` (tensors, tuples, lists, dicts, objects with ``.to(dtype=)``) as fp32."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_fp32(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _fp32(v) for k, v in out.items()}
+    if hasattr(out, "to"):
+        return out.to(dtype=torch.float32)
+    return out
+
+
+def describe() -> dict:
+    """What the engine in force does, for a result's metadata."""
+    if fast():
+        return {"mode": "fast", "training": "bf16 autocast of the forward (CPU and CUDA), math attention on the CPU, "
+                                            "fused AdamW", "attacks": "fp32"}
+    return {"mode": "plain", "training": "bf16 autocast of the forward on CUDA, fp32 on the CPU", "attacks": "fp32"}
