@@ -170,7 +170,7 @@ def workloads(bundle, batch: int, device, attack_steps: int):
     }
 
 
-TRAINING = ("contrastive pre-training step", "TeCoA step")
+BF16_STEPS = ("contrastive pre-training step",)     # a TeCoA step's flops are mostly its inner attack's, in fp32
 
 
 def measure(args, device, roof: dict) -> tuple[dict, dict]:
@@ -196,8 +196,8 @@ def measure(args, device, roof: dict) -> tuple[dict, dict]:
         with engine.use("fast"):
             gflop = (count() if count is not None else flops_of(work["fast"][name][1])) / items / 1e9
         plain, fast = (items / statistics.median(times[m]) for m in ("plain", "fast"))
-        training = name.startswith(TRAINING)
-        roof_key = "bfloat16" if training and dtypes["fast"] == "bfloat16" else "float32"
+        training = name.startswith(("contrastive pre-training step", "TeCoA step"))
+        roof_key = "bfloat16" if name in BF16_STEPS and dtypes["fast"] == "bfloat16" else "float32"
         rows[name] = {"items": items, "plain_items_per_s": plain, "fast_items_per_s": fast, "speedup": fast / plain,
                       "gflop_per_item": gflop, "fast_gflop_per_s": fast * gflop, "roofline": roof_key,
                       "fraction_of_roofline": fast * gflop / roof[roof_key],
@@ -210,12 +210,52 @@ def measure(args, device, roof: dict) -> tuple[dict, dict]:
                             for name in ("forward + input gradient", "contrastive pre-training step")}
     extra = {"shape_rooflines": shapes, "pgd10_images_identical": bool(torch.equal(adv["plain"], adv["fast"])),
              "pgd10_max_abs_difference": float((adv["plain"] - adv["fast"]).abs().max())}
+    extra["pretraining_ablation"] = pretraining_ablation(bundle, args, device)
     if args.compile:
-        extra["compiled_input_gradient"] = compiled_input_gradient(bundle, work["plain"], args, device)
+        extra["compiled_input_gradient"] = compiled_input_gradient(bundle, args, device)
     return rows, extra
 
 
-def compiled_input_gradient(bundle, work: dict, args, device) -> dict:
+def pretraining_ablation(bundle, args, device) -> dict:
+    """What each part of the fast engine buys the contrastive pre-training step: the fast step, the fast step with
+    the default (fused) attention kernel instead of the math one, with AdamW unfused (as the plain engine makes it),
+    and the plain step; samples/s, timed alternately."""
+    pairs = world.WorldPairs(args.batch, resolution=bundle.image_size)
+    batch = pairs.__getitems__(list(range(args.batch)))
+    cfg = TrainConfig(steps=1, lr=1e-5)
+    variants = {}
+    for name, mode, math_attention, fused in (("fast", "fast", True, True),
+                                              ("fast, fused attention kernel", "fast", False, True),
+                                              ("fast, AdamW unfused", "fast", True, False),
+                                              ("plain", "plain", False, False)):
+        with engine.use(mode):
+            pre = bundle.copy()
+            pre.model.train().requires_grad_(True)
+            net = engine.TrainingForward(pre.model, device, cfg.amp)
+            net.math_attention = math_attention and net.math_attention
+            opt = make_optimizer(pre.model, cfg)
+            if mode == "fast" and not fused:          # AdamW as the plain engine makes it
+                for group in opt.param_groups:
+                    group["fused"] = None
+            variants[name] = (mode, pre, net, opt, contrastive_step(pre, 0, 1))
+
+    def step(name):
+        mode, pre, net, opt, loss_fn = variants[name]
+        loss = loss_fn(net, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    times = {name: [] for name in variants}
+    for r in range(args.repeat + 1):
+        for name in variants:
+            with engine.use(variants[name][0]):
+                t, _ = common.clock(lambda: step(name), device)
+            if r:
+                times[name].append(t)
+    return {name: args.batch / statistics.median(ts) for name, ts in times.items()}
+
+
+def compiled_input_gradient(bundle, args, device) -> dict:
     """What ``torch.compile`` of the image tower buys the attack step (fp32): its compile time and the rate against
     the eager step, timed alternately; the gradients compared."""
     x = world.zeroshot_task("colour_shape", split="test", n=args.batch, resolution=bundle.image_size).tensors()[0]
@@ -267,6 +307,8 @@ def main(argv=None) -> int:
         for name, sr in found.items():
             print(f"{mode:5s} {name}: its {sr['matmuls']} matrix products alone, replayed at their shapes: "
                   f"{sr['gflop_per_s']:.1f} GFLOP/s, {sr['seconds'] * 1e3:.1f} ms per call")
+    ab = extra["pretraining_ablation"]
+    print("contrastive pre-training step, samples/s: " + ", ".join(f"{k} {v:.1f}" for k, v in ab.items()))
     if "compiled_input_gradient" in extra:
         c = extra["compiled_input_gradient"]
         print(f"torch.compile of the image tower, forward + input gradient (fp32): {c['compiled_items_per_s']:.1f} vs "

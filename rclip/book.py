@@ -78,10 +78,16 @@ def cpu_description() -> dict:
             "capability": torch.backends.cpu.get_cpu_capability()}
 
 
+def published_engine(blob: dict) -> str:
+    """The engine a results JSON was computed with (:mod:`rclip.engine`); a JSON without the key predates the fast
+    engine, i.e. was computed with what is now the plain one."""
+    return (blob.get("engine") or {"mode": "plain"})["mode"]
+
+
 def _machine_text(blob: dict) -> str:
     cpu = blob.get("cpu")
     what = f"{cpu['model']}, {cpu['capability']}" if isinstance(cpu, dict) else "CPU not recorded"
-    return f"{blob.get('revision')}, {blob.get('threads')} threads, {what}"
+    return f"{blob.get('revision')}, {blob.get('threads')} threads, {what}, engine {published_engine(blob)}"
 
 
 class Run:
@@ -90,9 +96,9 @@ class Run:
 
     ``results`` must be a JSON-serialisable dict of the notebook's key figures; it is written under the key
     ``results``, apart from the run's metadata (``profile``, ``parameters``, ``seed``, ``device``, ``cpu``,
-    ``engine``, ``versions``, ``revision``, ``wall_s``, ``timings``, ``artefacts``, ``inputs``), so two runs with the same
-    profile, seed and device (on a CPU, the same CPU model) have identical ``results``: nothing measured in seconds
-    belongs in ``results``.
+    ``engine``, ``versions``, ``revision``, ``wall_s``, ``timings``, ``artefacts``, ``inputs``), so two runs with the
+    same profile, seed, engine and device (on a CPU, the same CPU model) have identical ``results``: nothing measured
+    in seconds belongs in ``results``.
     """
 
     def __init__(self, notebook: str, profile: str, seed: int = 0, device: str = "auto",
@@ -413,8 +419,11 @@ def differences(published, rerun, path: str = "") -> list[tuple[str, object, obj
 
 def verify_book(profile: str = PUBLISHED_PROFILE, *, only: list[str] | None = None, progress: bool = True,
                 scratch: str | Path | None = None) -> int:
-    """Re-execute the published chapters into a scratch directory with a fresh, empty cache and report every figure
-    of ``results`` that differs from ``book/results/<notebook>.json``. Returns 0 when none does, 1 otherwise."""
+    """Re-execute the published chapters into a scratch directory with a fresh, empty cache, each under the engine
+    its JSON records (:func:`published_engine`), and report every figure of ``results`` that differs from
+    ``book/results/<notebook>.json``. Returns 0 when none does, 1 otherwise."""
+    from rclip import engine
+
     if profile != PUBLISHED_PROFILE:
         raise RClipError(f"--verify compares with book/, which holds profile {PUBLISHED_PROFILE!r}; got {profile!r}")
     root = project_root()
@@ -423,8 +432,13 @@ def verify_book(profile: str = PUBLISHED_PROFILE, *, only: list[str] | None = No
     with tempfile.TemporaryDirectory(prefix="rclip-verify-", dir=scratch) as tmp:
         previous = os.environ.get("RCLIP_CACHE")
         os.environ["RCLIP_CACHE"] = str(Path(tmp) / "cache")       # the kernels inherit it: nothing is reused
+        by_engine: dict[str, list[str]] = {}
+        for name in names:
+            by_engine.setdefault(published_engine(load_results(name)), []).append(name)
         try:
-            run_book(profile, only=names, build=False, out=Path(tmp) / "site", progress=progress)
+            for mode, group in by_engine.items():
+                with engine.use(mode):
+                    run_book(profile, only=group, build=False, out=Path(tmp) / "site", progress=progress)
         finally:
             if previous is None:
                 os.environ.pop("RCLIP_CACHE", None)
@@ -439,10 +453,6 @@ def verify_book(profile: str = PUBLISHED_PROFILE, *, only: list[str] | None = No
                   f"(published at {_machine_text(published)}; re-run at {_machine_text(rerun)})")
             for where, a, b in diffs:
                 print(f"    {where}: published {a!r}, re-run {b!r}")
-            engines = [(blob.get("engine") or {"mode": "plain"})["mode"] for blob in (published, rerun)]
-            if diffs and engines[0] != engines[1]:
-                print(f"    the published results were computed with engine {engines[0]!r}, the re-run with "
-                      f"{engines[1]!r}: set RCLIP_ENGINE={engines[0]} to re-run as published")
             if diffs and published.get("cpu") != rerun.get("cpu"):
                 print(f"    the two runs did not compute on the same recorded CPU: float kernels differ between CPU "
                       f"models and training amplifies the difference, so re-run on the CPU the published JSON "

@@ -12,11 +12,12 @@ The two differ only where a measurement (``benchmarks/bench_engine.py``) showed 
   (:func:`rclip.cache.artefact_path`) and of every result's metadata.
 * **Attacks and evaluation** are the same under both engines: fp32 (:func:`rclip.attacks.image.fp32_eval`), also
   the inner attacks of adversarial training, and PyTorch's default attention kernels. Measured and not taken
-  (``benchmarks/README.md``): freezing the weights during an attack (no gain), ``torch.compile`` of the towers
-  (under 10 % for about 30 s of compilation per input shape).
+  (``benchmarks/README.md``): ``torch.compile`` of the image tower for the attack step
+  (0.85–1.09× in three runs of ``bench_engine.py``, after seconds to tens of seconds of compilation per shape).
 
 Choose with the environment variable ``RCLIP_ENGINE`` (``fast`` or ``plain``; it reaches the notebooks' kernels)
-or :func:`use`.
+or :func:`use`. Unset, the engine is ``fast`` on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX) and
+``plain`` on one that does not (bf16 is emulated there, slower than fp32).
 """
 from __future__ import annotations
 
@@ -32,12 +33,30 @@ MODES = ("fast", "plain")
 ENV = "RCLIP_ENGINE"
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX-BF16 in ``/proc/cpuinfo``'s flags);
+    without either, bf16 is emulated and slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def mode() -> str:
-    """The engine in force: ``$RCLIP_ENGINE`` (default ``fast``), validated."""
-    value = os.environ.get(ENV, "fast").strip().lower() or "fast"
+    """The engine in force: ``$RCLIP_ENGINE`` if set (validated), else ``fast`` on a CPU with native bf16
+    (:func:`native_bf16`) and ``plain`` on one without."""
+    raw = os.environ.get(ENV)
+    if raw is None or not raw.strip():
+        return "fast" if native_bf16() else "plain"
+    value = raw.strip().lower()
     if value not in MODES:
-        raise RClipError(f"{ENV}={os.environ.get(ENV)!r} is not an engine: set it to one of {MODES} (or unset it "
-                         f"for 'fast')")
+        raise RClipError(f"{ENV}={raw!r} is not an engine: set it to one of {MODES} (or unset it: 'fast' on a "
+                         f"CPU with native bf16, else 'plain')")
     return value
 
 
@@ -72,8 +91,8 @@ def training_dtype(device: torch.device | str, amp: bool = True) -> torch.dtype:
 
 class TrainingForward(torch.nn.Module):
     """``module`` as a training step calls it: its forward runs under bf16 autocast where :func:`training_dtype`
-    says so (on the CPU under the fast engine also with the math attention backend), and its floating outputs come
-    back in fp32, so the loss that follows is computed in fp32. Loss functions call the network only (as under
+    says so (on the CPU then also with the math attention backend), and its half-precision outputs come back in
+    fp32, so the loss that follows is computed in fp32. Loss functions call the network only (as under
     DDP), so the wrapper is transparent to them."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device | str, amp: bool = True):
@@ -81,7 +100,7 @@ class TrainingForward(torch.nn.Module):
         self.module = module
         self.device_type = torch.device(device).type
         self.dtype = training_dtype(device, amp)
-        self.math_attention = self.device_type == "cpu" and fast()
+        self.math_attention = self.device_type == "cpu" and self.dtype == torch.bfloat16
 
     def forward(self, *args, **kwargs):
         with contextlib.ExitStack() as stack:
@@ -96,14 +115,17 @@ class TrainingForward(torch.nn.Module):
 
 
 def _fp32(out):
-    """Floating tensors in ``out`` (tensors, tuples, lists, dicts, objects with ``.to(dtype=)``) as fp32."""
+    """``out`` with its bf16 / fp16 tensors as fp32: tensors, tuples (named ones too), lists, dicts, and objects with
+    a ``.to(dtype=)`` of their own (e.g. :class:`rclip.methods.otcclip.TokenFeatures`); anything else unchanged."""
     if isinstance(out, torch.Tensor):
-        return out.float() if out.is_floating_point() else out
+        return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return type(out)(*(_fp32(o) for o in out))
     if isinstance(out, (tuple, list)):
         return type(out)(_fp32(o) for o in out)
     if isinstance(out, dict):
         return {k: _fp32(v) for k, v in out.items()}
-    if hasattr(out, "to"):
+    if hasattr(out, "to") and not isinstance(out, torch.nn.Module):
         return out.to(dtype=torch.float32)
     return out
 
@@ -112,5 +134,5 @@ def describe() -> dict:
     """What the engine in force does, for a result's metadata."""
     if fast():
         return {"mode": "fast", "training": "bf16 autocast of the forward (CPU and CUDA), math attention on the CPU, "
-                                            "fused AdamW", "attacks": "fp32"}
+                                            "AdamW fused", "attacks": "fp32"}
     return {"mode": "plain", "training": "bf16 autocast of the forward on CUDA, fp32 on the CPU", "attacks": "fp32"}

@@ -6,7 +6,8 @@
   ``(seed, t)`` (:class:`StepBatchSampler`), so a resumed run sees exactly the data an uninterrupted one would.
 * Data parallel: launched by ``torchrun``, each rank takes its slice of the global batch, the model is wrapped in
   ``DistributedDataParallel`` and every rank's loss sees all ranks' features (gathered with gradient), so N
-  processes compute the same update as one process with the whole batch.
+  processes compute the same update as one process with the whole batch (exactly in fp32; under bf16 autocast up
+  to the rounding of a smaller batch).
 * Mixed precision: bfloat16 autocast on CUDA (no loss scaling needed), and on the CPU under the fast engine
   (:mod:`rclip.engine`; ``RCLIP_ENGINE=plain`` trains in fp32 there). Losses are computed in fp32.
 * Checkpoints: every ``ckpt_every`` steps into ``out_dir/ckpt-<step>/``, announced by rewriting
@@ -333,12 +334,16 @@ def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | P
     torch.manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
 
-    log = {"config": asdict(cfg), "world_size": world, "device": str(device), "records": [], "evals": [],
-           "wall_s": 0.0, "stopped_early": False}
+    log = {"config": asdict(cfg), "world_size": world, "device": str(device), "engine": engine.mode(),
+           "records": [], "evals": [], "wall_s": 0.0, "stopped_early": False}
     start = 0
     resumed = _load_checkpoint(out, model, opt, hooks)
     if resumed is not None:
         _check_resume(out, resumed[1].get("config") or {}, asdict(cfg), resumed[0])
+        was = resumed[1].get("engine", "plain")          # a log without one predates the fast engine
+        if was != log["engine"]:
+            raise RClipError(f"the checkpoint in {out} was trained by the {was!r} engine and this run uses "
+                             f"{log['engine']!r}: set RCLIP_ENGINE={was} to resume it, or delete {out} to start again")
         start, log = resumed
         log["config"] = asdict(cfg)      # equal to the checkpoint's but for bookkeeping: record the values used now
         log["resumed_from"] = start

@@ -208,3 +208,31 @@ def test_results_record_the_cpu_and_verify_names_a_cpu_change(tmp_path, monkeypa
     published["cpu"] = blob["cpu"]                            # same CPU: the difference stands without the remark
     assert book.verify_book("world", only=["01_cola"], scratch=tmp_path) == 1
     assert "same recorded CPU" not in capsys.readouterr().out
+
+
+def test_verify_reruns_each_chapter_under_its_published_engine(tmp_path, monkeypatch, capsys):
+    """A results JSON records its engine; ``--verify`` re-runs each chapter under the engine it names (a JSON
+    without one predates the fast engine: plain), and its report names both runs' engines."""
+    from rclip import engine
+
+    blob = book.Run("01_cola", "smoke", results_path=str(tmp_path / "01_cola.json")).save({"x": 1})
+    assert blob["engine"]["mode"] == engine.mode()
+    published = {"00_world": {"results": {"x": 1}}, "01_cola": {"engine": {"mode": "fast"}, "results": {"x": 1}}}
+    seen = {}
+
+    def fake_run(profile, *, only, build, out, progress):
+        for name in only:
+            seen[name] = engine.mode()
+            rerun = {**blob, "engine": engine.describe(), "results": {"x": 1}}
+            (Path(out) / "executed" / "results").mkdir(parents=True, exist_ok=True)
+            (Path(out) / "executed" / "results" / f"{name}.json").write_text(json.dumps(rerun), "utf-8")
+        return 0
+
+    monkeypatch.setattr(book, "run_book", fake_run)
+    monkeypatch.setattr(book, "load_results", lambda name: published[name])
+    monkeypatch.setenv(engine.ENV, "fast")
+    assert book.verify_book("world", only=["00_world", "01_cola"], scratch=tmp_path) == 0
+    assert seen == {"00_world": "plain", "01_cola": "fast"}
+    out = capsys.readouterr().out
+    assert "engine plain; re-run at" in out and "engine fast; re-run at" in out
+    assert engine.mode() == "fast"                              # the setting in force is restored

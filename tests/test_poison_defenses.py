@@ -321,6 +321,9 @@ def test_chapter_regimes_keep_the_papers_settings_and_the_world_setup_carries_ev
     assert images.shape == (len(setup.attacked.layers()) + 2, 3, 32, 32) and titles[0].startswith("[patch]")
     with pytest.raises(RClipError, match="corpus must be"):
         pdef.poison_setup({**p, "corpus": "web"})
+    for bad in ([], [0, 4], [4.5], "8"):
+        with pytest.raises(RClipError, match="pool_ks must be a non-empty list"):
+            pdef.poison_setup({**p, "pool_ks": bad})
 
 
 def test_poison_rates_count_each_attacks_pairs_and_the_regime_is_checked():

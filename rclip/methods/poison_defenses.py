@@ -499,6 +499,10 @@ def poison_setup(p: dict) -> PoisonSetup:
     from rclip.data.pairs import FocusedWorldPairs, cached_corpus, read_pairs
 
     backdoors, targeted = attack_configs(p)
+    ks = p.get("pool_ks")
+    if ks is not None and (not isinstance(ks, (list, tuple)) or not ks
+                           or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks)):
+        raise RClipError(f"pool_ks must be a non-empty list of pool sizes >= 1 (e.g. [4, 8, 16]); got {ks!r}")
     seed, n_test = int(p["seed"]), int(p["n_test"])
     if p["scale"] == "paper":
         inputs = p["inputs"] or {}
