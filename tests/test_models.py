@@ -101,3 +101,21 @@ def test_shipped_world_clip_matches_its_checksum():
     bundle = models.load("world")
     assert bundle.meta["source"] == "world" and bundle.meta["name"] == "world"
     assert next(bundle.model.parameters()).dtype == torch.float32
+
+
+def test_image_features_in_cpu_pieces_equal_one_batch(tiny, monkeypatch):
+    """A batch larger than CPU_IMAGE_CHUNK runs in pieces: the same embeddings and the same input gradients."""
+    from rclip import models
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(10, 3, 32, 32, generator=g)
+    w = torch.randn(10, tiny.model.text_projection.shape[1], generator=g)
+
+    def run():
+        xr = x.clone().requires_grad_(True)
+        f = tiny.image_features(xr)
+        return f.detach(), torch.autograd.grad((f * w).sum(), xr)[0]
+    whole = run()
+    monkeypatch.setattr(models, "CPU_IMAGE_CHUNK", 3)             # 3 + 3 + 3 + 1
+    pieces = run()
+    assert torch.allclose(pieces[0], whole[0], atol=1e-6) and torch.allclose(pieces[1], whole[1], atol=1e-7)
