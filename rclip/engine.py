@@ -1,4 +1,4 @@
-"""How the library spends its compute: the *fast* engine (default) or the *plain* one, for comparison.
+"""How the library spends its compute: the *fast* engine (the default on a CPU with native bf16) or the *plain* one.
 
 The two differ only where a measurement (``benchmarks/bench_engine.py``) showed that speed was on the table:
 
