@@ -173,6 +173,20 @@ def workloads(bundle, batch: int, device, attack_steps: int):
 BF16_STEPS = ("contrastive pre-training step",)     # a TeCoA step's flops are mostly its inner attack's, in fp32
 
 
+def alternately(calls: dict, device, repeat: int) -> dict:
+    """Median seconds of each callable of ``calls`` ({name: (engine mode, fn)}), timed in turn (a, b, a, b, ...)
+    ``repeat`` times after one warm-up round, so that a machine whose speed drifts treats all alike; each call runs
+    under its engine."""
+    times = {name: [] for name in calls}
+    for r in range(repeat + 1):
+        for name, (mode, fn) in calls.items():
+            with engine.use(mode):
+                t, _ = common.clock(fn, device)
+            if r:
+                times[name].append(t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def measure(args, device, roof: dict) -> tuple[dict, dict]:
     """Every workload under both engines, timed alternately (plain, fast, plain, ...) so that a machine whose speed
     drifts treats both alike: median rates, flops, fractions of the roofline; the GEMM-shape rooflines of the attack
@@ -186,16 +200,10 @@ def measure(args, device, roof: dict) -> tuple[dict, dict]:
             dtypes[mode] = str(engine.training_dtype(device)).removeprefix("torch.")
     rows = {}
     for name, (items, _, count) in work["fast"].items():
-        times = {"plain": [], "fast": []}
-        for r in range(args.repeat + 1):                  # the first round warms up
-            for mode in ("plain", "fast"):
-                with engine.use(mode):
-                    t, _ = common.clock(work[mode][name][1], device)
-                if r:
-                    times[mode].append(t)
+        seconds = alternately({m: (m, work[m][name][1]) for m in ("plain", "fast")}, device, args.repeat)
         with engine.use("fast"):
             gflop = (count() if count is not None else flops_of(work["fast"][name][1])) / items / 1e9
-        plain, fast = (items / statistics.median(times[m]) for m in ("plain", "fast"))
+        plain, fast = (items / seconds[m] for m in ("plain", "fast"))
         training = name.startswith(("contrastive pre-training step", "TeCoA step"))
         roof_key = "bfloat16" if name in BF16_STEPS and dtypes["fast"] == "bfloat16" else "float32"
         rows[name] = {"items": items, "plain_items_per_s": plain, "fast_items_per_s": fast, "speedup": fast / plain,
@@ -211,6 +219,8 @@ def measure(args, device, roof: dict) -> tuple[dict, dict]:
     extra = {"shape_rooflines": shapes, "pgd10_images_identical": bool(torch.equal(adv["plain"], adv["fast"])),
              "pgd10_max_abs_difference": float((adv["plain"] - adv["fast"]).abs().max())}
     extra["pretraining_ablation"] = pretraining_ablation(bundle, args, device)
+    if args.large_batch and device.type == "cpu":
+        extra["large_batch_input_gradient"] = large_batch_input_gradient(bundle, args, device)
     if args.compile:
         extra["compiled_input_gradient"] = compiled_input_gradient(bundle, args, device)
     return rows, extra
@@ -245,14 +255,37 @@ def pretraining_ablation(bundle, args, device) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    times = {name: [] for name in variants}
-    for r in range(args.repeat + 1):
-        for name in variants:
-            with engine.use(variants[name][0]):
-                t, _ = common.clock(lambda: step(name), device)
-            if r:
-                times[name].append(t)
-    return {name: args.batch / statistics.median(ts) for name, ts in times.items()}
+    seconds = alternately({name: (v[0], lambda name=name: step(name)) for name, v in variants.items()}, device,
+                          args.repeat)
+    return {name: args.batch / t for name, t in seconds.items()}
+
+
+def large_batch_input_gradient(bundle, args, device) -> dict:
+    """A forward + input gradient through ``CLIPBundle.image_features`` of ``--large-batch`` images (SGA's image
+    step: image batch x 5 views) all at once, against the pieces of ``rclip.models.CPU_IMAGE_CHUNK`` it now runs in
+    on the CPU; timed alternately, gradients compared."""
+    from rclip import models as rmodels
+
+    n = args.large_batch
+    task = world.zeroshot_task("colour_shape", split="test", n=n, resolution=bundle.image_size)
+    x = task.tensors()[0].to(device)
+    w = torch.nn.functional.normalize(torch.randn(n, bundle.model.text_projection.shape[1],
+                                                  generator=torch.Generator().manual_seed(args.seed)), dim=-1)
+    chunk = rmodels.CPU_IMAGE_CHUNK
+
+    def step(pieces: int):
+        rmodels.CPU_IMAGE_CHUNK = pieces
+        try:
+            with fp32_eval(bundle.model):
+                xr = x.clone().requires_grad_(True)
+                return torch.autograd.grad(-(bundle.image_features(xr).float() * w).sum(), xr)[0]
+        finally:
+            rmodels.CPU_IMAGE_CHUNK = chunk
+    seconds = alternately({"at once": (engine.mode(), lambda: step(n)),
+                           "in pieces": (engine.mode(), lambda: step(chunk))}, device, args.repeat)
+    once, pieces = (n / seconds[k] for k in ("at once", "in pieces"))
+    return {"images": n, "chunk": chunk, "at_once_items_per_s": once, "in_pieces_items_per_s": pieces,
+            "speedup": pieces / once, "identical_gradients": bool(torch.equal(step(n), step(chunk)))}
 
 
 def compiled_input_gradient(bundle, args, device) -> dict:
@@ -269,13 +302,9 @@ def compiled_input_gradient(bundle, args, device) -> dict:
             return torch.autograd.grad(tower(bundle.normalize(xr)).float().sum(), xr)[0]
     compile_s, g_compiled = common.clock(lambda: step(compiled_tower), device)
     g_eager = step(eager_tower)
-    times = {"eager": [], "compiled": []}
-    for r in range(args.repeat + 1):
-        for name, tower in (("eager", eager_tower), ("compiled", compiled_tower)):
-            t, _ = common.clock(lambda: step(tower), device)
-            if r:
-                times[name].append(t)
-    eager, compiled = (args.batch / statistics.median(times[k]) for k in ("eager", "compiled"))
+    seconds = alternately({"eager": (engine.mode(), lambda: step(eager_tower)),
+                           "compiled": (engine.mode(), lambda: step(compiled_tower))}, device, args.repeat)
+    eager, compiled = (args.batch / seconds[k] for k in ("eager", "compiled"))
     return {"compile_s": compile_s, "eager_items_per_s": eager, "compiled_items_per_s": compiled,
             "speedup": compiled / eager, "max_abs_gradient_difference": float((g_eager - g_compiled).abs().max())}
 
@@ -286,6 +315,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64, help="images (or pairs, captions) per call")
     p.add_argument("--attack-steps", type=int, default=3, help="inner PGD steps of the TeCoA step")
     p.add_argument("--repeat", type=int, default=3, help="timed calls per engine and workload (alternating)")
+    p.add_argument("--large-batch", type=int, default=1280,
+                   help="images for the at-once vs in-pieces input-gradient comparison on the CPU (0: skip)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile measurement of the attack step (about 30 s of compilation)")
     common.add_run_options(p)
@@ -309,6 +340,11 @@ def main(argv=None) -> int:
                   f"{sr['gflop_per_s']:.1f} GFLOP/s, {sr['seconds'] * 1e3:.1f} ms per call")
     ab = extra["pretraining_ablation"]
     print("contrastive pre-training step, samples/s: " + ", ".join(f"{k} {v:.1f}" for k, v in ab.items()))
+    if "large_batch_input_gradient" in extra:
+        lb = extra["large_batch_input_gradient"]
+        print(f"forward + input gradient of {lb['images']} images: at once {lb['at_once_items_per_s']:.1f}, in pieces "
+              f"of {lb['chunk']} {lb['in_pieces_items_per_s']:.1f} images/s ({lb['speedup']:.2f}x); gradients "
+              f"{'identical' if lb['identical_gradients'] else 'DIFFER'}")
     if "compiled_input_gradient" in extra:
         c = extra["compiled_input_gradient"]
         print(f"torch.compile of the image tower, forward + input gradient (fp32): {c['compiled_items_per_s']:.1f} vs "

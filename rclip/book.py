@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from rclip import engine
 from rclip.cache import atomic_path, used_artefacts, write_json
 from rclip.errors import RClipError
 from rclip.profiles import (RUNNER_KEYS, declared_parameters, load_profile, notebook_names, parse_overrides,
@@ -141,7 +142,6 @@ class Run:
         self.timings[name] = value
 
     def save(self, results: dict) -> dict:
-        from rclip import engine
         from rclip.world_clip import library_versions
 
         params = {k: v for k, v in self.params.items() if k != "results_path"}
@@ -193,8 +193,6 @@ def start(notebook: str, namespace: dict) -> Run:
     ``namespace``, so the notebook's cells read them as plain variables. A notebook that declares ``threads``
     gets that many torch CPU threads (0: torch's default).
     """
-    from rclip import engine
-
     engine.mode()                     # an unknown $RCLIP_ENGINE fails here, before any work
     declared = declared_parameters(notebook)
     injected = _injected_parameters(namespace)
@@ -422,8 +420,6 @@ def verify_book(profile: str = PUBLISHED_PROFILE, *, only: list[str] | None = No
     """Re-execute the published chapters into a scratch directory with a fresh, empty cache, each under the engine
     its JSON records (:func:`published_engine`), and report every figure of ``results`` that differs from
     ``book/results/<notebook>.json``. Returns 0 when none does, 1 otherwise."""
-    from rclip import engine
-
     if profile != PUBLISHED_PROFILE:
         raise RClipError(f"--verify compares with book/, which holds profile {PUBLISHED_PROFILE!r}; got {profile!r}")
     root = project_root()
@@ -468,8 +464,6 @@ def run_book(profile: str, *, publish: bool = False, only: list[str] | None = No
     only: notebook names (None: all; an empty list is an error). overrides: ``["NB.key=value", ...]``, applied
     on top of the profile (recorded as overridden in the results)."""
     prof = validate_profile(profile)  # fail fast on an unknown profile or a key no notebook declares
-    from rclip import engine
-
     engine.mode()                     # ... and on an unknown $RCLIP_ENGINE
     if publish and profile != PUBLISHED_PROFILE:
         raise RClipError(f"--publish writes book/, which holds the published profile {PUBLISHED_PROFILE!r}; run "

@@ -22,6 +22,7 @@ or :func:`use`. Unset, the engine is ``fast`` on a CPU that multiplies bf16 nati
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 
@@ -33,6 +34,7 @@ MODES = ("fast", "plain")
 ENV = "RCLIP_ENGINE"
 
 
+@functools.lru_cache(maxsize=1)
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX-BF16 in ``/proc/cpuinfo``'s flags);
     without either, bf16 is emulated and slower than fp32."""

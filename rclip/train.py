@@ -321,8 +321,9 @@ def fit(bundle: CLIPBundle, dataset: Dataset, cfg: TrainConfig, out_dir: str | P
     ``net`` is ``module`` (a submodule of ``bundle.model`` that the loss calls, e.g. ``model.visual``; default the
     whole model), wrapped in DDP under ``torchrun``: the loss must run its trainable forward through ``net`` so
     gradients are synchronised. ``net``'s forward runs as :class:`rclip.engine.TrainingForward` runs it (bf16
-    autocast on CUDA, and on the CPU under the fast engine; outputs in fp32, so losses are fp32). ``hooks`` (:class:`TrainHooks`) run
-    before every step, scale its learning rate, and have their state checkpointed and resumed with the model.
+    autocast on CUDA, and on the CPU under the fast engine; outputs in fp32, so losses are fp32). ``hooks``
+    (:class:`TrainHooks`) run before every step, scale its learning rate, and have their state checkpointed and
+    resumed with the model.
 
     Returns the training log: config, per-step records (loss, lr, logit scale, samples, seconds) and evaluations.
     """
