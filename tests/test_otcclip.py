@@ -107,7 +107,7 @@ def test_ot_distance_matches_pot_per_pair_with_padding():
         ot_distance(x, _random_sets(g, 6, 5, 4))
 
 
-def test_chunked_topk_equals_brute_force():
+def test_chunked_topk_equals_brute_force_and_breaks_ties_by_index():
     g = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(37, 16, generator=g), dim=-1)
     keys = F.normalize(torch.randn(1000, 16, generator=g), dim=-1)
@@ -116,6 +116,13 @@ def test_chunked_topk_equals_brute_force():
     assert torch.equal(indices, ref_i) and torch.allclose(values, ref_v)
     _, i1 = topk_similar(q, keys, 1000, chunk_size=333)
     assert torch.equal(i1, (q @ keys.T).topk(1000, dim=1).indices)
+    for n, k in ((3000, 16), (700, 40), (150, 3)):                  # many exact ties: duplicate, integer keys
+        tied_keys = torch.randint(-2, 3, (n, 8), generator=g).float()
+        tied_q = torch.randint(-2, 3, (23, 8), generator=g).float()
+        ref_v, ref_i = (tied_q @ tied_keys.T).sort(dim=1, descending=True, stable=True)   # ties: lower index first
+        for chunk_size, query_batch in ((64, 5), (100, 1024), (1000, 7), (5000, 1024)):
+            values, indices = topk_similar(tied_q, tied_keys, k, chunk_size=chunk_size, query_batch=query_batch)
+            assert torch.equal(values, ref_v[:, :k]) and torch.equal(indices, ref_i[:, :k])
     with pytest.raises(RClipError, match="k=1001"):
         topk_similar(q, keys, 1001)
     with pytest.raises(RClipError, match="empty"):

@@ -210,3 +210,47 @@ def test_threat_report_equals_the_zero_shot_predictions(tiny, base):
     for name, entry in items.items():
         assert report[name]["asr"] == pytest.approx(100 * entry["hit"].float().mean().item())
         assert report[name]["base_rate"] == pytest.approx(100 * entry["base"].float().mean().item())
+
+
+def test_world_and_paper_corpora_share_one_poisoning_path(base):
+    """The paper path (any corpus, template captions) takes the same pairs and targets as the world path for the
+    same configs, with the same checks; only where images and captions come from differs."""
+    from dataclasses import replace
+
+    from rclip.attacks.poison import PoisonedCorpus, TemplateClassCaptions, attack_names, poison_counts
+    from rclip.data.pairs import PairCorpus
+
+    batch = base.__getitems__(list(range(len(base))))
+    corpus = PairCorpus((batch["images"] * 255).round().to(torch.uint8), batch["texts"])
+    task = world.zeroshot_task("shape", split="test", n=60, resolution=32, seed=base.seed)
+    backdoors = [BackdoorConfig(trigger=Trigger("patch", patch_size=4), task="shape", target_label=1, poison_rate=0.1),
+                 BackdoorConfig(trigger=Trigger("blend"), task="shape", target_label=2, n_poison=3, poison_rate=None,
+                                seed=1)]
+    for targeted in (TargetedPoisonConfig(task="shape", n_targets=5, captions_per_target=3, target_pool=60, seed=4),
+                     TargetedPoisonConfig(task="shape", n_targets=4, captions_per_target=None, poison_rate=0.2,
+                                          adversarial_label=0, target_pool=60)):
+        world_ds = targeted_poison(backdoor_poison(backdoor_poison(base, backdoors[0]), backdoors[1]), targeted)
+        paper_ds = PoisonedCorpus(corpus, task, backdoors=backdoors, targeted=targeted)
+        assert torch.equal(world_ds.poisoned, paper_ds.poisoned)
+        assert torch.equal(world_ds.adversarial_label, paper_ds.adversarial_label)
+        assert attack_names(world_ds) == attack_names(paper_ds) and poison_counts(world_ds) == poison_counts(paper_ds)
+        assert [layer.kind for layer in world_ds.layers()] == [layer.kind for layer in paper_ds.layers()]
+        for w, p in zip(world_ds.layers()[-1].target_images(), paper_ds.layers()[-1].target_images()):
+            assert torch.equal(w, p)                      # same target images, true and adversarial classes
+        rows = paper_ds.poisoned[:len(base)].nonzero().flatten().tolist()
+        assert torch.equal(paper_ds.images(rows), world_ds.images(rows))     # the same triggers on the same pairs
+        classes = TemplateClassCaptions(task)
+        assert all(paper_ds.texts[i] in classes.texts(int(paper_ds.adversarial_label[i]))
+                   for i in paper_ds.poisoned.nonzero().flatten().tolist())
+    # what the world path refuses, the paper path refuses with the same message
+    bad_backdoors = [replace(backdoors[0], poison_rate=1.5), replace(backdoors[0], target_label=10),
+                     replace(backdoors[0], n_poison=4), replace(backdoors[0], trigger=Trigger("patch", patch_size=40))]
+    bad_targeted = [TargetedPoisonConfig(task="shape", n_targets=0), TargetedPoisonConfig(task="shape",
+                    captions_per_target=None, poison_rate=2.0), TargetedPoisonConfig(task="shape", n_targets=4, target_pool=3)]
+    for bad in bad_backdoors + bad_targeted:
+        kw = {"backdoors": [bad]} if isinstance(bad, BackdoorConfig) else {"targeted": bad}
+        with pytest.raises(RClipError) as world_err:
+            (backdoor_poison if "backdoors" in kw else targeted_poison)(base, bad)
+        with pytest.raises(RClipError) as paper_err:
+            PoisonedCorpus(corpus, task, **kw)
+        assert str(world_err.value).split(" of ")[0] == str(paper_err.value).split(" of ")[0]

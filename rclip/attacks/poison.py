@@ -23,11 +23,18 @@ one on other pairs, then targeted poison appended), so one pre-training run face
 poisons only pairs the layers below left clean; :meth:`PoisonedPairs.layers` lists them, innermost first.
 :class:`GroundTruth` reads a corpus's truth once for scoring whole re-matchings; :func:`threat_items` measures
 every layer's outcome per item against a model (:func:`threat_report`: their means, the ASRs). At paper scale,
-:class:`PoisonedCorpus` mounts the same attacks on any image–caption corpus (class captions from a zero-shot task's
-templates; no scene ground truth).
+:class:`PoisonedCorpus` mounts the same attacks on any image–caption corpus (no scene ground truth).
+
+One code path for both scales: which pairs a backdoor takes and which test images a targeted attack aims at, with
+every check on the configs, come from :func:`plan_backdoor` and :func:`plan_targeted`, and each poison caption from
+its own seeded generator (:func:`backdoor_caption_rng`, :func:`targeted_caption_rng`) fed to a pluggable caption
+source — :class:`WorldClassCaptions` (a true caption of a fresh scene of the class) or :class:`TemplateClassCaptions`
+(a zero-shot template filled with the class name). The world and paper corpora differ only in where images and
+captions come from.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,6 +163,116 @@ class Trigger:
             return resolution - side, resolution - side
         rng = np.random.default_rng([int(self.seed), 0x7219, int(key)])
         return int(rng.integers(0, resolution - side + 1)), int(rng.integers(0, resolution - side + 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What both scales share: which pairs and targets an attack takes, and where a poison caption comes from
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """The targets of a targeted attack: test-image ``index`` (T,) of the attacked task (sorted), their ``true``
+    and ``adversarial`` classes (T,), and ``per_target`` poison pairs each."""
+    index: np.ndarray
+    true: np.ndarray
+    adversarial: np.ndarray
+    per_target: int
+
+
+def plan_targeted(config: "TargetedPoisonConfig", n_clean: int, task_name: str, n_classes: int,
+                  label_of: Callable[[np.ndarray], np.ndarray], n_test: int | None = None) -> TargetPlan:
+    """Validate a targeted attack on a corpus of ``n_clean`` pairs and choose its targets, for either scale.
+
+    label_of(indices): the true classes of test images ``indices`` of the attacked task; n_test: how many test
+    images the task has (None: unlimited, the world's). Targets are drawn from the first ``config.target_pool``
+    test images, skipping those already of a fixed ``adversarial_label`` (a target of that class is no attack).
+    """
+    k = n_classes
+    if config.n_targets < 1:
+        raise RClipError(f"n_targets must be >= 1; got {config.n_targets}")
+    if (config.captions_per_target is None) == (config.poison_rate is None):
+        raise RClipError("give exactly one of captions_per_target (poison pairs per target) and poison_rate "
+                         "(poison pairs per clean pair); set the other to None")
+    if config.poison_rate is not None:
+        if not 0 < config.poison_rate < 1:
+            raise RClipError(f"poison_rate must be in (0, 1); got {config.poison_rate}")
+        per = max(1, round(config.poison_rate * n_clean / config.n_targets))
+    else:
+        per = int(config.captions_per_target)
+        if per < 1:
+            raise RClipError(f"captions_per_target must be >= 1; got {per}")
+    if config.adversarial_label is not None and not 0 <= config.adversarial_label < k:
+        raise RClipError(f"adversarial_label {config.adversarial_label} is not a class of {task_name} (0..{k - 1})")
+    rng = np.random.default_rng([int(config.seed), 0x7A26])
+    pool = np.arange(config.target_pool if n_test is None else min(config.target_pool, n_test))
+    if config.adversarial_label is not None:
+        pool = pool[np.asarray(label_of(pool)) != config.adversarial_label]
+    if len(pool) < config.n_targets:
+        raise RClipError(f"target_pool={config.target_pool} gives {len(pool)} eligible test images of {task_name} "
+                         f"for {config.n_targets} targets; raise target_pool or lower n_targets")
+    index = np.sort(rng.choice(pool, config.n_targets, replace=False))
+    true = np.asarray(label_of(index), dtype=np.int64)
+    adv = np.full_like(true, config.adversarial_label) if config.adversarial_label is not None else \
+        (true + rng.integers(1, k, size=len(true))) % k
+    return TargetPlan(index, true, adv, per)
+
+
+def plan_backdoor(config: "BackdoorConfig", n_pairs: int, eligible: np.ndarray, task_name: str, n_classes: int,
+                  resolution: int) -> np.ndarray:
+    """Validate a backdoor on a corpus of ``n_pairs`` pairs whose pairs ``eligible`` are still clean, for either
+    scale, and choose the pairs it poisons (sorted indices)."""
+    if not 0 <= config.target_label < n_classes:
+        raise RClipError(f"target_label {config.target_label} is not a class of {task_name} (0..{n_classes - 1})")
+    if (config.poison_rate is None) == (config.n_poison is None):
+        raise RClipError("give exactly one of poison_rate (a fraction of the pairs) and n_poison (a count); "
+                         "set the other to None")
+    if config.n_poison is not None:
+        n_poison = int(config.n_poison)
+    else:
+        if not 0 < config.poison_rate < 1:
+            raise RClipError(f"poison_rate must be in (0, 1); got {config.poison_rate}")
+        n_poison = max(1, round(config.poison_rate * n_pairs))
+    if not 1 <= n_poison <= len(eligible):
+        raise RClipError(f"n_poison={n_poison} must be between 1 and the {len(eligible)} clean pairs of the corpus")
+    config.trigger.side(resolution)  # fails early if the patch does not fit
+    rng = np.random.default_rng([int(config.seed), 0xBAD])
+    return np.sort(rng.choice(eligible, n_poison, replace=False))
+
+
+def targeted_caption_rng(config: "TargetedPoisonConfig", task: str, target: int, c: int) -> np.random.Generator:
+    """The generator of poison caption ``c`` of target ``target`` (a pure function of the attack and the pair)."""
+    return scene_rng(config.seed, f"poison/targeted/{task}/{target}", c)
+
+
+def backdoor_caption_rng(config: "BackdoorConfig", task: str, i: int) -> np.random.Generator:
+    """The generator of the caption that replaces pair ``i``'s in a backdoor."""
+    return scene_rng(config.seed, f"poison/backdoor/{task}", i)
+
+
+class WorldClassCaptions:
+    """The world's caption source: a true caption of a fresh scene of the class (:func:`class_caption`), mentioning
+    only what the corpus's captions may mention; returns a :class:`~rclip.world.language.Caption` (text and spec)."""
+
+    def __init__(self, task: str, extras: tuple[str, ...] = EXTRA_MENTIONS):
+        self.task, self.extras = task, tuple(extras)
+
+    def __call__(self, label: int, rng: np.random.Generator) -> Caption:
+        return class_caption(self.task, label, rng, extras=self.extras)
+
+
+class TemplateClassCaptions:
+    """The paper-scale caption source: one of a zero-shot task's templates filled with the class name (the papers'
+    "a photo of a <class>"); returns the text."""
+
+    def __init__(self, zeroshot):
+        self.templates, self.classnames = list(zeroshot.templates), list(zeroshot.classnames)
+
+    def __call__(self, label: int, rng: np.random.Generator) -> str:
+        return self.templates[int(rng.integers(len(self.templates)))].format(self.classnames[label])
+
+    def texts(self, label: int) -> set[str]:
+        """Every caption this source can give class ``label``."""
+        return {t.format(self.classnames[label]) for t in self.templates}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,43 +448,22 @@ class TargetedPoisonPairs(PoisonedPairs):
     their true classes; ``target_adversarial`` (T,) the classes the attack wants (see :meth:`target_images`).
     """
 
+    kind = "targeted"
+
     def __init__(self, base: "WorldPairs | PoisonedPairs", config: TargetedPoisonConfig):
         t = _task(config.task)
         k = len(t.classnames)
-        if config.n_targets < 1:
-            raise RClipError(f"n_targets must be >= 1; got {config.n_targets}")
-        if (config.captions_per_target is None) == (config.poison_rate is None):
-            raise RClipError("give exactly one of captions_per_target (poison pairs per target) and poison_rate "
-                             "(poison pairs per clean pair); set the other to None")
-        if config.poison_rate is not None:
-            if not 0 < config.poison_rate < 1:
-                raise RClipError(f"poison_rate must be in (0, 1); got {config.poison_rate}")
-            per = max(1, round(config.poison_rate * len(base) / config.n_targets))
-        else:
-            per = int(config.captions_per_target)
-            if per < 1:
-                raise RClipError(f"captions_per_target must be >= 1; got {per}")
-        if config.adversarial_label is not None and not 0 <= config.adversarial_label < k:
-            raise RClipError(f"adversarial_label {config.adversarial_label} is not a class of {t.name} (0..{k - 1})")
-        rng = np.random.default_rng([int(config.seed), 0x7A26])
-        pool = np.arange(config.target_pool)
-        if config.adversarial_label is not None:
-            pool = pool[pool % k != config.adversarial_label]   # a target of the adversarial class is no attack
-        if len(pool) < config.n_targets:
-            raise RClipError(f"target_pool={config.target_pool} has {len(pool)} eligible test images for "
-                             f"{config.n_targets} targets; raise target_pool")
-        index = np.sort(rng.choice(pool, config.n_targets, replace=False))
-        true = index % k
-        adv = np.full_like(true, config.adversarial_label) if config.adversarial_label is not None else \
-            (true + rng.integers(1, k, size=len(true))) % k
-        self.base, self.task, self.config, self.per_target = base, t.name, config, per
-        self.target_index = torch.as_tensor(index, dtype=torch.long)
-        self.target_label = torch.as_tensor(true, dtype=torch.long)
-        self.target_adversarial = torch.as_tensor(adv, dtype=torch.long)
-        n, n_poison = len(base), per * config.n_targets
+        plan = plan_targeted(config, len(base), t.name, k, lambda j: np.asarray(j) % k)   # test image j: class j % k
+        self.base, self.task, self.config, self.per_target = base, t.name, config, plan.per_target
+        self.target_index = torch.as_tensor(plan.index, dtype=torch.long)
+        self.target_label = torch.as_tensor(plan.true, dtype=torch.long)
+        self.target_adversarial = torch.as_tensor(plan.adversarial, dtype=torch.long)
+        self.source = WorldClassCaptions(t.name, self.caption_mentions)
+        n, n_poison = len(base), plan.per_target * config.n_targets
         self._mark(torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n_poison, dtype=torch.bool)]),
-                   torch.cat([torch.full((n,), -1, dtype=torch.long), self.target_adversarial.repeat_interleave(per)]))
-        self._targets = WorldLabelled(t.name, int(index.max()) + 1, split="test", resolution=base.resolution,
+                   torch.cat([torch.full((n,), -1, dtype=torch.long),
+                              self.target_adversarial.repeat_interleave(plan.per_target)]))
+        self._targets = WorldLabelled(t.name, int(plan.index.max()) + 1, split="test", resolution=base.resolution,
                                       seed=base.seed)
 
     def pair(self, i: int) -> tuple[Scene, Caption]:
@@ -376,10 +472,8 @@ class TargetedPoisonPairs(PoisonedPairs):
         if i < n:
             return self.base.pair(i)
         t, c = divmod(i - n, self.per_target)
-        label = int(self.target_adversarial[t])
-        rng = scene_rng(self.config.seed, f"poison/targeted/{self.task}/{t}", c)
-        return self._targets.scene(int(self.target_index[t])), class_caption(self.task, label, rng,
-                                                                             extras=self.caption_mentions)
+        caption = self.source(int(self.target_adversarial[t]), targeted_caption_rng(self.config, self.task, t, c))
+        return self._targets.scene(int(self.target_index[t])), caption
 
     def target_images(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The targets for ASR: images (T, 3, R, R), true labels (T,), adversarial labels (T,)."""
@@ -405,28 +499,15 @@ class BackdoorConfig:
 class BackdoorPairs(PoisonedPairs):
     """The clean corpus with ``poison_index`` (P,) pairs replaced: triggered image, caption of the target class."""
 
+    kind = "backdoor"
+
     def __init__(self, base: "WorldPairs | PoisonedPairs", config: BackdoorConfig):
         t = _task(config.task)
-        if not 0 <= config.target_label < len(t.classnames):
-            raise RClipError(f"target_label {config.target_label} is not a class of {t.name} "
-                             f"(0..{len(t.classnames) - 1})")
-        if (config.poison_rate is None) == (config.n_poison is None):
-            raise RClipError("give exactly one of poison_rate (a fraction of the pairs) and n_poison (a count); "
-                             "set the other to None")
         n = len(base)
-        if config.n_poison is not None:
-            n_poison = int(config.n_poison)
-        else:
-            if not 0 < config.poison_rate < 1:
-                raise RClipError(f"poison_rate must be in (0, 1); got {config.poison_rate}")
-            n_poison = max(1, round(config.poison_rate * n))
         eligible = np.arange(n) if not isinstance(base, PoisonedPairs) else (~base.poisoned).nonzero().flatten().numpy()
-        if not 1 <= n_poison <= len(eligible):
-            raise RClipError(f"n_poison={n_poison} must be between 1 and the {len(eligible)} clean pairs of the corpus")
-        config.trigger.side(base.resolution)  # fails early if the patch does not fit
-        rng = np.random.default_rng([int(config.seed), 0xBAD])
-        index = np.sort(rng.choice(eligible, n_poison, replace=False))
+        index = plan_backdoor(config, n, eligible, t.name, len(t.classnames), base.resolution)
         self.base, self.task, self.config, self.trigger = base, t.name, config, config.trigger
+        self.source = WorldClassCaptions(t.name, self.caption_mentions)
         self.poison_index = torch.as_tensor(index, dtype=torch.long)
         own = torch.zeros(n, dtype=torch.bool)
         own[self.poison_index] = True
@@ -436,8 +517,7 @@ class BackdoorPairs(PoisonedPairs):
         i = self._check(int(i))
         scene, caption = self.base.pair(i)
         if self.own[i]:
-            rng = scene_rng(self.config.seed, f"poison/backdoor/{self.task}", i)
-            caption = class_caption(self.task, self.config.target_label, rng, extras=self.caption_mentions)
+            caption = self.source(self.config.target_label, backdoor_caption_rng(self.config, self.task, i))
         return scene, caption
 
     def _finish(self, images: torch.Tensor, indices: list[int]) -> torch.Tensor:
@@ -453,84 +533,75 @@ class BackdoorPairs(PoisonedPairs):
 # Paper scale: any image–caption corpus
 # ----------------------------------------------------------------------------------------------------------------
 
-class _TargetedLayer:
-    """Targeted poisoning inside a :class:`PoisonedCorpus` (what :func:`threat_report` reads)."""
+class CorpusAttack:
+    """One attack of a :class:`PoisonedCorpus`, with the attributes a world attack layer has for what reads it
+    (:func:`threat_items`, :func:`attack_names`, :func:`poison_counts`): ``kind`` (``"targeted"`` or
+    ``"backdoor"``), ``task``, ``config``, ``own`` (the pairs it poisoned), and ``trigger`` (backdoor) or
+    :meth:`target_images` (targeted)."""
 
-    def __init__(self, task_name: str, images: torch.Tensor, labels: torch.Tensor, adversarial: torch.Tensor,
-                 first: int, n_poison: int):
-        self.task, self._images, self._labels, self._adversarial = task_name, images, labels, adversarial
-        self.first, self.n_poison = first, n_poison     # the first pair this attack made, and how many it made
+    def __init__(self, kind: str, task: str, config, own: torch.Tensor, targets: tuple | None = None):
+        self.kind, self.task, self.config, self.own = kind, task, config, own
+        self.trigger = getattr(config, "trigger", None)
+        self._targets = targets
 
-    def target_images(self):
-        return self._images, self._labels.clone(), self._adversarial.clone()
-
-
-class _BackdoorLayer:
-    def __init__(self, task_name: str, config: BackdoorConfig, first: int, n_poison: int):
-        self.task, self.config, self.trigger, self.first = task_name, config, config.trigger, first
-        self.n_poison = n_poison
+    def target_images(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images, labels, adversarial = self._targets
+        return images, labels.clone(), adversarial.clone()
 
 
 class PoisonedCorpus(Dataset):
     """Targeted poisoning and backdoors on any image–caption corpus (paper scale: no scene ground truth).
 
-    base: a corpus with ``texts`` and ``__getitems__`` (e.g. :class:`rclip.data.pairs.FilePairs`); task: the
-    zero-shot task whose classes the attacks use (its test images are the targets; class captions are its templates
-    filled with the class name, the papers' "a photo of a <class>"). backdoors: configs whose ``task`` is ignored
-    (the task is ``task``), applied in order to pairs still clean; targeted: appended poison pairs. ``poisoned``,
-    ``adversarial_label``, ``layers()`` and ``keeps_poison`` mean what they mean on :class:`PoisonedPairs`;
-    ``keeps_poison(i, j)`` is True when caption j is a caption of poisoned image i's adversarial class.
+    The same attacks as the world's, chosen by the same code (:func:`plan_backdoor`, :func:`plan_targeted`: the
+    same pairs, targets, checks and caption generators for the same configs); only where images and captions come
+    from differs. base: a corpus with ``texts`` and ``__getitems__`` (e.g. :class:`rclip.data.pairs.FilePairs`);
+    task: the zero-shot task whose classes the attacks use (its test images are the targets; captions of a class
+    come from :class:`TemplateClassCaptions`, the papers' "a photo of a <class>"). backdoors: configs whose ``task``
+    is ignored (the task is ``task``), applied in order to pairs still clean; targeted: appended poison pairs.
+    ``poisoned``, ``adversarial_label``, ``layers()`` and ``keeps_poison`` mean what they mean on
+    :class:`PoisonedPairs`; ``keeps_poison(i, j)`` is True when caption j is a caption of poisoned image i's
+    adversarial class.
     """
 
     def __init__(self, base, task, *, backdoors=(), targeted: TargetedPoisonConfig | None = None):
         n, k = len(base), len(task.classnames)
         self.base, self.zeroshot = base, task
         self.task = task.name
+        self.source = TemplateClassCaptions(task)
         self.poisoned = torch.zeros(n, dtype=torch.bool)
         self.adversarial_label = torch.full((n,), -1, dtype=torch.long)
         self._texts = list(base.texts)
         self._triggers: dict[int, Trigger] = {}
-        self._layers: list = []
+        self._layers: list[CorpusAttack] = []
         for cfg in backdoors:
-            if not 0 <= cfg.target_label < k:
-                raise RClipError(f"backdoor target_label {cfg.target_label} is not a class of {task.name} (0..{k - 1})")
             eligible = (~self.poisoned).nonzero().flatten().numpy()
-            count = int(cfg.n_poison) if cfg.n_poison is not None else max(1, round(cfg.poison_rate * n))
-            if not 1 <= count <= len(eligible):
-                raise RClipError(f"a backdoor of {count} pairs does not fit the {len(eligible)} clean pairs")
-            rng = np.random.default_rng([int(cfg.seed), 0xBAD])
-            chosen = np.sort(rng.choice(eligible, count, replace=False)).tolist()
+            chosen = plan_backdoor(cfg, n, eligible, task.name, k, self.resolution).tolist()
+            own = torch.zeros(n, dtype=torch.bool)
+            own[chosen] = True
             for i in chosen:
-                self.poisoned[i], self.adversarial_label[i] = True, cfg.target_label
                 self._triggers[i] = cfg.trigger
-                self._texts[i] = self.class_text(cfg.target_label, rng)
-            self._layers.append(_BackdoorLayer(task.name, cfg, chosen[0], count))
+                self._texts[i] = self.source(cfg.target_label, backdoor_caption_rng(cfg, task.name, i))
+            self.poisoned |= own
+            self.adversarial_label[own] = cfg.target_label
+            self._layers.append(CorpusAttack("backdoor", task.name, cfg, own))
         self._targets = torch.zeros(0, dtype=torch.long)
         if targeted is not None:
-            rng = np.random.default_rng([int(targeted.seed), 0x7A26])
-            pool = min(targeted.target_pool, len(task))
-            if pool < targeted.n_targets:
-                raise RClipError(f"{task.name} has {pool} test images for {targeted.n_targets} targets")
-            index = np.sort(rng.choice(pool, targeted.n_targets, replace=False))
-            images, labels = zip(*(task.dataset[int(j)] for j in index))
-            labels = torch.as_tensor(labels, dtype=torch.long)
-            adversarial = (labels + torch.as_tensor(rng.integers(1, k, size=len(labels)))) % k \
-                if targeted.adversarial_label is None else torch.full_like(labels, targeted.adversarial_label)
-            per = targeted.captions_per_target or max(1, round(targeted.poison_rate * n / targeted.n_targets))
-            self._target_images = torch.stack(list(images))
-            self._targets = torch.arange(targeted.n_targets).repeat_interleave(per)
-            self._texts += [self.class_text(int(adversarial[t]), rng) for t in self._targets.tolist()]
-            self.poisoned = torch.cat([self.poisoned, torch.ones(len(self._targets), dtype=torch.bool)])
+            plan = plan_targeted(targeted, n, task.name, k,
+                                 lambda idx: np.array([int(task.dataset[int(j)][1]) for j in idx], dtype=np.int64),
+                                 n_test=len(task))
+            self._target_images = torch.stack([task.dataset[int(j)][0] for j in plan.index])
+            labels, adversarial = torch.as_tensor(plan.true), torch.as_tensor(plan.adversarial)
+            self._targets = torch.arange(targeted.n_targets).repeat_interleave(plan.per_target)
+            self._texts += [self.source(int(adversarial[t]), targeted_caption_rng(targeted, task.name, t, c))
+                            for t in range(targeted.n_targets) for c in range(plan.per_target)]
+            extra = len(self._targets)
+            self.poisoned = torch.cat([self.poisoned, torch.ones(extra, dtype=torch.bool)])
             self.adversarial_label = torch.cat([self.adversarial_label, adversarial[self._targets]])
-            self._layers.append(_TargetedLayer(task.name, self._target_images, labels, adversarial, n,
-                                              len(self._targets)))
+            own = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(extra, dtype=torch.bool)])
+            self._layers.append(CorpusAttack("targeted", task.name, targeted, own,
+                                             (self._target_images, labels, adversarial)))
         self.texts = self._texts
-        self._class_texts = [{t.format(c) for t in task.templates} for c in task.classnames]
-
-    def class_text(self, label: int, rng: np.random.Generator) -> str:
-        """A caption of class ``label``: one of the task's templates, filled."""
-        return self.zeroshot.templates[int(rng.integers(len(self.zeroshot.templates)))].format(
-            self.zeroshot.classnames[label])
+        self._class_texts = [self.source.texts(c) for c in range(k)]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -633,7 +704,7 @@ def threat_items(bundle, dataset: "PoisonedPairs | PoisonedCorpus", *, n_test: i
         if layer.task not in classifiers:
             classifiers[layer.task] = zeroshot.zeroshot_classifier(bundle, test_task(layer.task, 1))
         clf = classifiers[layer.task]
-        if hasattr(layer, "target_images"):
+        if layer.kind == "targeted":
             images, labels, adversarial = layer.target_images()
             pred = zeroshot.predict(clf, images, batch_size)
             target = -1
@@ -654,7 +725,7 @@ def attack_names(dataset: "PoisonedPairs | PoisonedCorpus") -> list[str]:
     ``blend <alpha>``, with ``_2``, ``_3``… on repeats (the keys of :func:`threat_items`)."""
     names: list[str] = []
     for layer in dataset.layers():
-        if hasattr(layer, "target_images"):
+        if layer.kind == "targeted":
             name = "targeted"
         else:
             trig = layer.trigger
@@ -668,7 +739,7 @@ def attack_names(dataset: "PoisonedPairs | PoisonedCorpus") -> list[str]:
 
 def poison_counts(dataset: "PoisonedPairs | PoisonedCorpus") -> dict[str, int]:
     """Poisoned pairs each attack of ``dataset`` made, by :func:`attack_names`."""
-    return {name: int(layer.own.sum()) if hasattr(layer, "own") else int(layer.n_poison)
+    return {name: int(layer.own.sum())
             for name, layer in zip(attack_names(dataset), dataset.layers())}
 
 
@@ -693,4 +764,5 @@ def _task(name: str) -> TaskDef:
 __all__ = ["Trigger", "PoisonedPairs", "TargetedPoisonConfig", "TargetedPoisonPairs", "BackdoorConfig",
            "BackdoorPairs", "targeted_poison", "backdoor_poison", "backdoor_test_images", "attack_success_rate",
            "class_caption", "class_captions", "spec_label", "threat_items", "threat_report", "attack_names", "poison_counts",
-           "GroundTruth", "PoisonedCorpus"]
+           "GroundTruth", "PoisonedCorpus", "CorpusAttack", "TargetPlan", "plan_targeted", "plan_backdoor",
+           "targeted_caption_rng", "backdoor_caption_rng", "WorldClassCaptions", "TemplateClassCaptions"]

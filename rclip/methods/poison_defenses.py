@@ -558,8 +558,8 @@ def example_pairs(setup: PoisonSetup, n_clean: int = 4) -> tuple[torch.Tensor, l
     figure: images (B, 3, S, S) in [0, 1] and titles ``"[kind] caption"``."""
     picks, titles = [], []
     for layer in setup.attacked.layers():
-        idx = int(layer.own.nonzero()[0]) if hasattr(layer, "own") else int(layer.first)
-        kind = "targeted" if hasattr(layer, "target_images") else layer.trigger.kind
+        idx = int(layer.own.nonzero()[0])
+        kind = "targeted" if layer.kind == "targeted" else layer.trigger.kind
         picks.append(idx)
         titles.append(f"[{kind}] {setup.pairs.texts[idx]}")
     clean = [int(i) for i in (~setup.pairs.poisoned).nonzero()[:n_clean, 0]]
