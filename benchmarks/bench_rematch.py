@@ -12,9 +12,11 @@ per candidate caption, the cost of an inference epoch), its work per image is
 
 For each pool size the script times both on Q query images against a pool of N random unit embeddings (the
 features' values do not change the cost), reports re-matching throughput (pairs/s; global matching, i.e. top-k
-alone, beside it) and extrapolates the time for all N pairs. Two peers run side by side: the top-k scan against
-the bare matrix product it cannot avoid (the same Q x N x D similarities, nothing else: the roofline of an exact
-top-k), and the OT part in Sinkhorn's kernel domain (what re-matching uses) against the log domain; 1 M is measured directly when listed in ``--sizes``
+alone, beside it) and extrapolates the time for all N pairs. Peers run side by side: the top-k scan against
+the bare matrix product it cannot avoid (the same Q x N x D similarities into one reused buffer, nothing else: the
+roofline of an exact top-k) and against the plain scan (``torch.topk`` of each chunk's fresh product, merged; the
+run exits 1 if the two top-k differ), and the OT part in Sinkhorn's kernel domain (what re-matching uses) against
+the log domain; 1 M is measured directly when listed in ``--sizes``
 (the default on CUDA), else extrapolated linearly in N per image from the largest measured size. The OT part is
 compared with POT (``ot.sinkhorn2``, float64 numpy, same ε, tolerance and iteration cap) solving a random subset of
 the same problems one by one: both throughputs (problems/s), their ratio and the largest difference in distance.

@@ -229,8 +229,12 @@ def ot_distance(x: TokenFeatures, y: TokenFeatures, config: OTConfig | None = No
     if x.tokens.shape[-1] != y.tokens.shape[-1]:
         raise RClipError(f"feature dims differ: {x.tokens.shape[-1]} vs {y.tokens.shape[-1]}; both sets must be in "
                          "the same joint space")
-    if x.tokens.ndim == y.tokens.ndim >= 4 and x.tokens.shape[-3] == 1 and x.tokens.shape[:-3] == y.tokens.shape[:-3]:
-        # one image against its k captions: one product per image, (N, D) x (D, k·M), instead of k copies of it
+    differentiable = torch.is_grad_enabled() and (x.tokens.requires_grad or y.tokens.requires_grad)
+    if (not differentiable and x.tokens.ndim == y.tokens.ndim >= 4 and x.tokens.shape[-3] == 1
+            and x.tokens.shape[:-3] == y.tokens.shape[:-3]):
+        # re-matching, one image against its k captions: one product per image, (N, D) x (D, k·M), instead of k
+        # broadcast copies of it (1.6x faster; the same values to the bit). Not under autograd: its gradient would
+        # be summed in another order than the broadcast product's, and training must not change to the last bit
         k, m = y.tokens.shape[-3:-1]
         cost = 1 - (x.tokens[..., 0, :, :] @ y.tokens.flatten(-3, -2).mT).unflatten(-1, (k, m)).movedim(-2, -3)
     else:
