@@ -50,7 +50,7 @@ def test_misspelled_key_fails_fast_naming_it(tmp_path, monkeypatch):
                           env={**os.environ, "RCLIP_ROOT": str(root), "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     assert "n_evl" in proc.stderr and "did you mean 'n_eval'" in proc.stderr
-    assert time.time() - t0 < 5
+    assert time.time() - t0 < 15      # before any work (a chapter takes minutes); 3.7 s idle, >5 s on a busy host
 
 
 def test_misplaced_keys_fail(tmp_path, monkeypatch):

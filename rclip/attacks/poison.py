@@ -573,9 +573,10 @@ class PoisonedCorpus(Dataset):
         self._texts = list(base.texts)
         self._triggers: dict[int, Trigger] = {}
         self._layers: list[CorpusAttack] = []
+        side = int(base.__getitems__([0])["images"].shape[-1]) if backdoors and n else self.resolution
         for cfg in backdoors:
             eligible = (~self.poisoned).nonzero().flatten().numpy()
-            chosen = plan_backdoor(cfg, n, eligible, task.name, k, self.resolution).tolist()
+            chosen = plan_backdoor(cfg, n, eligible, task.name, k, side).tolist()   # the trigger fits the corpus
             own = torch.zeros(n, dtype=torch.bool)
             own[chosen] = True
             for i in chosen:

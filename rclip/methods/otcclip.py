@@ -287,10 +287,12 @@ def candidate_distances(images: TokenFeatures, captions: TokenFeatures, candidat
 TOPK_GROUP = 64
 
 
+@torch.no_grad()
 def topk_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, chunk_size: int = 16384,
-                 query_batch: int = 256, check_keys: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 query_batch: int | None = None, check_keys: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The k keys most similar (dot product) to each query: values and indices (B, k), best first; among equal
-    similarities the lower key index comes first (so the result does not depend on the chunk sizes).
+    similarities the lower key index comes first (so which keys are chosen does not depend on the chunk sizes; the
+    values may differ in the last bits with the query batch). Not differentiable (a search, not a loss).
 
     queries: (B, D), keys: (K, D) (unit vectors for cosine). Keys are scanned ``chunk_size`` at a time into one
     reused buffer, so memory is O(query_batch · (chunk_size + k · K / chunk_size)). Within a chunk
@@ -298,8 +300,8 @@ def topk_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, chunk_siz
     groups with the largest maxima — every top-k element lies in one of them (each of those k maxima is an element,
     so the k-th largest element is at least the k-th largest maximum) — sorted stably. check_keys=False skips the
     NaN/inf check of ``keys`` (a pass over the whole pool) for a caller that checked them once for many calls.
-    query_batch: queries per pass over the pool (256 x 16 384 keys: a 16 MB buffer, the fastest of the sizes tried
-    on 2 CPU cores; the result does not depend on either size).
+    query_batch: queries per pass over the pool (default: 256 on the CPU — with 16 384 keys a 16 MB buffer, the
+    fastest of the sizes tried on 2 cores — and 1 024 elsewhere).
     """
     if keys.ndim != 2 or len(keys) == 0:
         raise RClipError(f"the caption pool is empty or not (K, D): got {tuple(keys.shape)}")
@@ -310,6 +312,9 @@ def topk_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, chunk_siz
         raise RClipError(f"k={k} candidates must be between 1 and the pool size {len(keys)}")
     if not (all_finite(queries) and (not check_keys or all_finite(keys))):
         raise RClipError("the global features contain NaN or inf")
+    if not (queries.is_floating_point() and keys.is_floating_point()):
+        raise RClipError(f"queries and keys must be floating point (embeddings); got {queries.dtype} and {keys.dtype}")
+    query_batch = query_batch or (256 if queries.device.type == "cpu" else 1024)
     if chunk_size < 1 or query_batch < 1:
         raise RClipError("chunk_size and query_batch must be >= 1")
     g = TOPK_GROUP
