@@ -131,6 +131,8 @@ def test_chunked_topk_equals_brute_force_and_breaks_ties_by_index():
         topk_similar(q, keys[:, :8], 1)
     with pytest.raises(RClipError, match="NaN"):
         topk_similar(q, keys.index_fill(0, torch.tensor([3]), float("nan")), 2)
+    with pytest.raises(RClipError, match="query_batch must be >= 1"):
+        topk_similar(q, keys, 2, query_batch=0)
     with pytest.raises(RClipError, match="floating point"):
         topk_similar(q.round().long(), keys.round().long(), 2)
     v, _ = topk_similar(q.clone().requires_grad_(), keys, 3, chunk_size=64)     # a search: no graph, no error

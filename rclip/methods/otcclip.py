@@ -314,7 +314,7 @@ def topk_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, chunk_siz
         raise RClipError("the global features contain NaN or inf")
     if not (queries.is_floating_point() and keys.is_floating_point()):
         raise RClipError(f"queries and keys must be floating point (embeddings); got {queries.dtype} and {keys.dtype}")
-    query_batch = query_batch or (256 if queries.device.type == "cpu" else 1024)
+    query_batch = (256 if queries.device.type == "cpu" else 1024) if query_batch is None else query_batch
     if chunk_size < 1 or query_batch < 1:
         raise RClipError("chunk_size and query_batch must be >= 1")
     g = TOPK_GROUP
