@@ -271,8 +271,8 @@ def _log(w):
 
 
 def all_finite(x: torch.Tensor) -> bool:
-    """No NaN or inf in ``x``: its two extremes are finite (NaN propagates through both). One reduction pass, ~12x
-    faster than ``torch.isfinite(x).all()`` on large CPU tensors."""
+    """No NaN or inf in ``x``: its two extremes are finite (NaN propagates through both). One reduction pass instead
+    of ``torch.isfinite(x).all()``'s elementwise tests and a reduction."""
     if x.numel() == 0:
         return True
     lo, hi = torch.aminmax(x)

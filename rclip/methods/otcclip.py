@@ -233,8 +233,9 @@ def ot_distance(x: TokenFeatures, y: TokenFeatures, config: OTConfig | None = No
     if (not differentiable and x.tokens.ndim == y.tokens.ndim >= 4 and x.tokens.shape[-3] == 1
             and x.tokens.shape[:-3] == y.tokens.shape[:-3]):
         # re-matching, one image against its k captions: one product per image, (N, D) x (D, k·M), instead of k
-        # broadcast copies of it (1.6x faster; the same values to the bit). Not under autograd: its gradient would
-        # be summed in another order than the broadcast product's, and training must not change to the last bit
+        # broadcast copies of it (the same values; benchmarks/bench_rematch.py times the OT part). Not under
+        # autograd: its gradient would be summed in another order than the broadcast product's, and training must
+        # not change in the last bit
         k, m = y.tokens.shape[-3:-1]
         cost = 1 - (x.tokens[..., 0, :, :] @ y.tokens.flatten(-3, -2).mT).unflatten(-1, (k, m)).movedim(-2, -3)
     else:
@@ -300,8 +301,8 @@ def topk_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, chunk_siz
     groups with the largest maxima — every top-k element lies in one of them (each of those k maxima is an element,
     so the k-th largest element is at least the k-th largest maximum) — sorted stably. check_keys=False skips the
     NaN/inf check of ``keys`` (a pass over the whole pool) for a caller that checked them once for many calls.
-    query_batch: queries per pass over the pool (default: 256 on the CPU — with 16 384 keys a 16 MB buffer, the
-    fastest of the sizes tried on 2 cores — and 1 024 elsewhere).
+    query_batch: queries per pass over the pool (default: 256 on the CPU — with 16 384 keys a 16 MB buffer — and
+    1 024 elsewhere).
     """
     if keys.ndim != 2 or len(keys) == 0:
         raise RClipError(f"the caption pool is empty or not (K, D): got {tuple(keys.shape)}")
@@ -310,10 +311,10 @@ def topk_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, chunk_siz
                          "with the same D")
     if not 1 <= k <= len(keys):
         raise RClipError(f"k={k} candidates must be between 1 and the pool size {len(keys)}")
-    if not (all_finite(queries) and (not check_keys or all_finite(keys))):
-        raise RClipError("the global features contain NaN or inf")
     if not (queries.is_floating_point() and keys.is_floating_point()):
         raise RClipError(f"queries and keys must be floating point (embeddings); got {queries.dtype} and {keys.dtype}")
+    if not (all_finite(queries) and (not check_keys or all_finite(keys))):
+        raise RClipError("the global features contain NaN or inf")
     query_batch = (256 if queries.device.type == "cpu" else 1024) if query_batch is None else query_batch
     if chunk_size < 1 or query_batch < 1:
         raise RClipError("chunk_size and query_batch must be >= 1")
@@ -670,15 +671,13 @@ def rematch_corpus(bundle, corpus, config: RematchConfig | None = None, *, image
     try:
         pool = torch.cat([bundle.encode_texts(texts[i:i + text_batch]).float()
                           for i in range(0, len(texts), text_batch)])
-        if not all_finite(pool):
-            raise RClipError("the caption pool's global features contain NaN or inf")
         parts = []
         for lo in range(0, len(corpus), image_chunk):
             images = corpus.__getitems__(list(range(lo, min(len(corpus), lo + image_chunk))))["images"]
             feats = encode_image_tokens(bundle, images, batch_size=256) if cfg.method == "ot" else None
             pooled = feats.pooled if feats is not None else bundle.encode_images(images).float().cpu()
             sims, cand = topk_similar(pooled.to(pool.device), pool, cfg.k, chunk_size=cfg.chunk_size,
-                                      check_keys=False)                  # the pool was checked once above
+                                      check_keys=lo == 0)                # the pool is checked once, on the first call
             sims, cand = sims.cpu(), cand.cpu()
             if cfg.method == "global":
                 parts.append((cand[:, 0].clone(), cand, sims, None))
