@@ -110,6 +110,11 @@ def test_plan_marginals_and_error():
     capped = sinkhorn(_t(cost), _t(a), _t(b), reg=0.05, max_iter=3)
     assert capped.n_iter == 3 and capped.error.max() > 1e-10
     assert sinkhorn(_t(cost), reg=0.05, tol=0, max_iter=17).n_iter == 17
+    # values=False (a caller that needs only the plan): the same plan, error and convergence, no costs computed
+    bare = sinkhorn(_t(cost), _t(a), _t(b), reg=0.05, tol=1e-10, return_plan=True, values=False)
+    assert bare.cost is None and bare.entropic is None and bare.n_iter == res.n_iter
+    for field in ("plan", "error", "converged"):
+        assert torch.equal(getattr(bare, field), getattr(res, field)), field
 
 
 def test_zero_weights_give_zero_rows_and_columns():
@@ -210,6 +215,7 @@ def test_float32_implicit_gradient_matches_unrolled():
     (dict(max_iter=0), "max_iter"),
     (dict(tol=-1.0), "tol"),
     (dict(grad="envelope"), "grad"),
+    (dict(values=False), "return_plan=True"),
 ])
 def test_bad_input_raises_a_helpful_error(kwargs, match):
     args = dict(cost=torch.tensor([[0.0, 1.0], [1.0, 0.0]]), a=None, b=None, reg=0.1) | kwargs

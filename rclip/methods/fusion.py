@@ -51,7 +51,7 @@ units), hard alignment recovers the permutation exactly with any of these polici
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,8 +140,8 @@ class FusionResult:
         not_converged, worst_error); hard plans are exact assignments and count no problems.
     """
     state: dict[str, torch.Tensor]
-    maps: dict[str, torch.Tensor] = field(default_factory=dict)
-    plans: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    maps: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    plans: Mapping[str, torch.Tensor | None] = field(default_factory=dict)
     weights: torch.Tensor | None = None
     anchor: int = 0
     ot: dict = field(default_factory=lambda: ConvergenceTally().summary())
@@ -156,7 +156,7 @@ def neuron_cost(features: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     in [0, 4] (``2 - 2 cos``). A zero vector is at distance 2 from everything."""
     a = F.normalize(features, dim=-1)
     b = F.normalize(anchor, dim=-1)
-    return (2 - 2 * a @ b.mT).clamp_(min=0)
+    return (a @ b.mT).mul_(-2).add_(2).clamp_(min=0)          # 2 - 2 cos without two (K, n, n) temporaries
 
 
 def transport_plans(cost: torch.Tensor, cfg: FusionConfig, solver: str = "rclip",
@@ -165,7 +165,8 @@ def transport_plans(cost: torch.Tensor, cfg: FusionConfig, solver: str = "rclip"
 
     ``tally``: where the soft solves' convergence is counted (:class:`rclip.ot.ConvergenceTally`).
 
-    ``solver="rclip"``: hard = ``scipy.optimize.linear_sum_assignment`` per problem, soft = one batched
+    ``solver="rclip"``: hard = each row's cheapest column where those form a permutation, else
+    ``scipy.optimize.linear_sum_assignment`` (see :func:`_assignment_plans`), soft = one batched
     :func:`rclip.ot.sinkhorn` call. ``solver="pot"``: POT's ``ot.emd`` / ``ot.sinkhorn(method="sinkhorn_log")``
     one problem at a time on the CPU in float64 (the independent reference, for tests and benchmarks).
     """
@@ -182,7 +183,7 @@ def transport_plans(cost: torch.Tensor, cfg: FusionConfig, solver: str = "rclip"
         return _pot_plans(cost, cfg)
     if cfg.alignment == "hard":
         return _assignment_plans(cost)
-    res = sinkhorn(cost, reg=cfg.reg, max_iter=cfg.max_iter, tol=cfg.tol, return_plan=True)
+    res = sinkhorn(cost, reg=cfg.reg, max_iter=cfg.max_iter, tol=cfg.tol, return_plan=True, values=False)
     if tally is not None:
         tally.add(res)
     return res.plan.to(cost.dtype)
@@ -202,9 +203,11 @@ def _assignment_plans(cost: torch.Tensor) -> torch.Tensor:
     best = c.argmin(-1)                                                        # (K, n): each row's cheapest column
     distinct = (best.sort(-1).values.diff(dim=-1) != 0).all(-1) if n > 1 else torch.ones(k, dtype=torch.bool)
     source = best.clone()
-    for i in (~distinct).nonzero().flatten().tolist():
-        rows, cols = linear_sum_assignment(c[i].double().cpu().numpy())
-        source[i, torch.as_tensor(rows)] = torch.as_tensor(cols, device=source.device)
+    rest = (~distinct).nonzero().flatten()
+    if len(rest):
+        costs = c[rest].double().cpu().numpy()                                 # one conversion for all of them
+        found = np.stack([linear_sum_assignment(x)[1] for x in costs])         # rows come back as 0..n-1
+        source[rest] = torch.as_tensor(found, device=source.device)
     plans = torch.zeros_like(cost)
     plans.scatter_(-1, source[..., None], 1.0 / n)
     return plans
@@ -352,14 +355,18 @@ def cols(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 def _one_hot_columns(r: torch.Tensor) -> torch.Tensor | None:
-    """For R whose every column holds one 1 and zeros (a hard map), the row index of each column's 1 (K, n);
-    else None. Gathering by it gives exactly what multiplying by R gives, in O(n) instead of O(n²) per vector.
+    """For R whose every column has largest entry 1 and sums to 1 in R's precision (a hard map; also a soft one
+    whose other entries all vanish beside 1 in that precision), the row index of each column's 1 (K, n); else None.
+    Gathering by it gives what multiplying by R gives (exactly for a hard map; for a soft one, without terms below
+    R's rounding of 1), in O(n) instead of O(n²) per vector.
     The answer is kept on the tensor (maps are never changed in place), so a map used many times is read once."""
     known = getattr(r, "_rclip_one_hot", False)
     if known is not False and getattr(r, "_rclip_one_hot_version", None) == r._version:
         return known
-    peak, source = r.max(dim=-2)
-    out = source if bool((peak == 1).all()) and bool((r.sum(-2) == 1).all()) else None
+    out = None
+    if bool((r[..., 0].amax(-1) == 1).all()):      # a soft map is almost always refused on its first column, in O(n)
+        peak, source = r.max(dim=-2)
+        out = source if bool((peak == 1).all()) and bool((r.sum(-2) == 1).all()) else None
     r._rclip_one_hot, r._rclip_one_hot_version = out, r._version
     return out
 
@@ -662,8 +669,8 @@ def fuse_visual(models: Sequence, weights: Sequence[float] | torch.Tensor | None
     ref = {n: t.to(device, dtype) for n, t in states[anchor].items()}
     others = [i for i in range(k) if i != anchor]
     fused = {n: w[anchor] * t for n, t in ref.items()}
-    maps: dict[str, torch.Tensor] = {}
-    plans: dict[str, torch.Tensor | None] = {}
+    maps: Mapping[str, torch.Tensor] = {}
+    plans: Mapping[str, torch.Tensor | None] = {}
     if others:
         stack = {n: torch.stack([states[i][n].to(device, dtype) for i in others]) for n in ref}
         if cfg.alignment == "none":
@@ -676,10 +683,7 @@ def fuse_visual(models: Sequence, weights: Sequence[float] | torch.Tensor | None
         for n in fused:
             fused[n] = fused[n] + torch.einsum("k,k...->...", w[others], aligned[n])
         if al is not None:
-            for name, r in al.maps.items():
-                maps[name] = _with_anchor(r, anchor, others, 1.0)
-                plan = al.plans[name]
-                plans[name] = None if plan is None else _with_anchor(plan, anchor, others, 1.0 / plan.shape[-1])
+            maps, plans = _WithAnchor(al.maps, anchor, others, False), _WithAnchor(al.plans, anchor, others, True)
     return FusionResult(state=fused, maps=maps, plans=plans, weights=w, anchor=anchor,
                         ot=(al.ot if others and al is not None else ConvergenceTally()).summary())
 
@@ -693,6 +697,30 @@ def _stacked_activations(models, images, anchor, others, device, dtype):
     acts = [{k: v.to(device, dtype) for k, v in neuron_activations(m, images.to(next(m.parameters()).device)).items()}
             for m in modules]
     return {k: torch.stack([acts[i][k] for i in others]) for k in acts[anchor]}, acts[anchor]
+
+
+class _WithAnchor(Mapping):
+    """Layer name -> the (K, n, n) maps (or plans) of all K models, built when read from the K - 1 solved ones with
+    the anchor's own (the identity; for plans, times 1/n) inserted at its index. Stacking every layer's K maps up
+    front took a tenth of a ViT-B-32 fusion; most results are read for a few layers. The last one read is kept."""
+
+    def __init__(self, solved: dict[str, torch.Tensor | None], anchor: int, others: list[int], plans: bool):
+        self._solved, self._anchor, self._others, self._plans = solved, anchor, others, plans
+        self._last: tuple[str | None, torch.Tensor | None] = (None, None)
+
+    def __getitem__(self, name: str) -> torch.Tensor | None:
+        x = self._solved[name]
+        if x is None or self._last[0] == name:
+            return None if x is None else self._last[1]
+        full = _with_anchor(x, self._anchor, self._others, 1.0 / x.shape[-1] if self._plans else 1.0)
+        self._last = (name, full)
+        return full
+
+    def __iter__(self):
+        return iter(self._solved)
+
+    def __len__(self) -> int:
+        return len(self._solved)
 
 
 def _with_anchor(x: torch.Tensor, anchor: int, others: list[int], mass: float) -> torch.Tensor:
