@@ -113,6 +113,18 @@ def test_soft_alignment_with_small_tau_approaches_hard(world_clip):
     assert 0 < gaps[0] < 0.01 and gaps[0] >= gaps[1] >= gaps[2] and gaps[2] < 1e-6, gaps
 
 
+def test_neuron_cost_is_two_minus_twice_the_cosine():
+    """The cost is formed in place; it must equal the plain expression bit for bit (fusion's outputs depend on it)."""
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        feats = torch.randn(2, 3, 40, 17, generator=g, dtype=dtype)
+        anchor = torch.randn(40, 17, generator=g, dtype=dtype)
+        feats[0, 0, 5] = 0                                    # a zero neuron: at distance 2 from everything
+        a, b = torch.nn.functional.normalize(feats, dim=-1), torch.nn.functional.normalize(anchor, dim=-1)
+        assert torch.equal(neuron_cost(feats, anchor), (2 - 2 * a @ b.mT).clamp(min=0))
+        assert torch.equal(neuron_cost(feats, anchor)[0, 0, 5], torch.full((40,), 2.0, dtype=dtype))
+
+
 def test_transport_plans_match_pot():
     g = torch.Generator().manual_seed(0)
     feats, anchor = torch.randn(3, 24, 10, generator=g, dtype=torch.float64), torch.randn(24, 10, generator=g,
@@ -191,6 +203,10 @@ def test_weights_reach_every_parameter_and_anchor_choice():
         assert r.shape == (3, n, n) and torch.equal(r[1], torch.eye(n)), name
         assert plan.shape == r.shape and torch.equal(plan[1], torch.eye(n) / n), name
         assert torch.allclose(r.sum(-2), torch.ones(3, n), atol=1e-5), name          # R's columns sum to 1
+    first, second = list(soft.maps)[:2]                   # built when read: a repeated read, another layer, back
+    a1 = soft.maps[first]
+    assert soft.maps[first] is a1 and torch.equal(soft.maps[second][1], torch.eye(soft.maps[second].shape[-1]))
+    assert torch.equal(soft.maps[first], a1) and first in soft.maps and "no such layer" not in soft.maps
 
 
 def test_bad_inputs_are_refused(world_clip, tiny):
@@ -245,4 +261,5 @@ def test_fusion_benchmark_runs_and_checks_itself(tmp_path):
     jobs = json.loads(out.read_text())["jobs"]
     assert set(jobs) == {"pair-hard", "pair-soft", "hierarchy"}
     assert jobs["pair-hard"]["permutations_recovered"] and all(j["agree"] for j in jobs.values())
-    assert all(j["ours_s"] > 0 and j["pot_s"] > 0 and j["plan_problems"] > 0 for j in jobs.values())
+    assert all(j["ours_s"] > 0 and j["pot_s"] > 0 and j["plan_problems"] > 0 and j["runs"] == 1 for j in jobs.values())
+    assert jobs["pair-hard"]["sinkhorn_max_iter"] == 0 and jobs["pair-soft"]["sinkhorn_max_iter"] >= 1

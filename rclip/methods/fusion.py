@@ -130,7 +130,8 @@ class FusionResult:
     """What :func:`fuse_visual` returns.
 
     state: the fused state dict (the architecture's keys, float32 on the input's device).
-    maps: layer name -> aligning maps R (K, n, n) of every model (the anchor's is the identity); names are
+    maps: layer name -> aligning maps R (K, n, n) of every model (the anchor's is the identity; built when read, so
+        treat them as read-only); names are
         ``embed.conv``, ``embed.pos``, ``residual.<stage>`` (the residual stream after a stage), and
         ``block<i>.qk``, ``block<i>.v``, ``block<i>.out``, ``block<i>.fc``, ``block<i>.proj``.
     plans: the same layers' transport plans T (K, n, n) (each row and column carries mass 1/n; None for residual
@@ -702,7 +703,9 @@ def _stacked_activations(models, images, anchor, others, device, dtype):
 class _WithAnchor(Mapping):
     """Layer name -> the (K, n, n) maps (or plans) of all K models, built when read from the K - 1 solved ones with
     the anchor's own (the identity; for plans, times 1/n) inserted at its index. Stacking every layer's K maps up
-    front took a tenth of a ViT-B-32 fusion; most results are read for a few layers. The last one read is kept."""
+    front took a tenth of a ViT-B-32 fusion, and most callers read a few layers (one that reads every layer, such as
+    :func:`self_match_share`, pays what the stacking cost before). Read-only: each read builds a fresh tensor, except
+    that the last layer read is kept and returned again to a repeated read."""
 
     def __init__(self, solved: dict[str, torch.Tensor | None], anchor: int, others: list[int], plans: bool):
         self._solved, self._anchor, self._others, self._plans = solved, anchor, others, plans
@@ -710,11 +713,15 @@ class _WithAnchor(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor | None:
         x = self._solved[name]
-        if x is None or self._last[0] == name:
-            return None if x is None else self._last[1]
+        last = self._last
+        if x is None or last[0] == name:
+            return None if x is None else last[1]
         full = _with_anchor(x, self._anchor, self._others, 1.0 / x.shape[-1] if self._plans else 1.0)
         self._last = (name, full)
         return full
+
+    def __contains__(self, name) -> bool:
+        return name in self._solved
 
     def __iter__(self):
         return iter(self._solved)
