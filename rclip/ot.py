@@ -102,9 +102,9 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor | None = None, b: torch.Tensor 
             only the plan and its convergence (OT fusion: at 3 072 × 3 072 the two costs take longer than the
             iterations). Needs ``return_plan=True``.
     """
-    cost, a, b, reg = _prepare(cost, a, b, reg, max_iter, tol, grad)
     if not values and not return_plan:
         raise RClipError("sinkhorn(values=False) returns only the plan and its convergence: pass return_plan=True")
+    cost, a, b, reg = _prepare(cost, a, b, reg, max_iter, tol, grad)
     if domain not in ("log", "kernel", "auto"):
         raise RClipError(f"domain must be 'log', 'kernel' or 'auto'; got {domain!r}")
     tol = (1e-9 if cost.dtype == torch.float64 else 1e-6) if tol is None else float(tol)

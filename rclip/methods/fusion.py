@@ -684,7 +684,7 @@ def fuse_visual(models: Sequence, weights: Sequence[float] | torch.Tensor | None
         for n in fused:
             fused[n] = fused[n] + torch.einsum("k,k...->...", w[others], aligned[n])
         if al is not None:
-            maps, plans = _WithAnchor(al.maps, anchor, others, False), _WithAnchor(al.plans, anchor, others, True)
+            maps, plans = _WithAnchor(al.maps, anchor, plans=False), _WithAnchor(al.plans, anchor, plans=True)
     return FusionResult(state=fused, maps=maps, plans=plans, weights=w, anchor=anchor,
                         ot=(al.ot if others and al is not None else ConvergenceTally()).summary())
 
@@ -703,12 +703,12 @@ def _stacked_activations(models, images, anchor, others, device, dtype):
 class _WithAnchor(Mapping):
     """Layer name -> the (K, n, n) maps (or plans) of all K models, built when read from the K - 1 solved ones with
     the anchor's own (the identity; for plans, times 1/n) inserted at its index. Stacking every layer's K maps up
-    front took a tenth of a ViT-B-32 fusion, and most callers read a few layers (one that reads every layer, such as
-    :func:`self_match_share`, pays what the stacking cost before). Read-only: each read builds a fresh tensor, except
-    that the last layer read is kept and returned again to a repeated read."""
+    front cost a large 3 072 × 3 072 copy per layer and model, and most callers read a few layers (one that reads
+    every layer, such as :func:`self_match_share`, pays what the stacking cost before). Read-only: each read builds a
+    fresh tensor, except that the last layer read is kept and returned again to a repeated read."""
 
-    def __init__(self, solved: dict[str, torch.Tensor | None], anchor: int, others: list[int], plans: bool):
-        self._solved, self._anchor, self._others, self._plans = solved, anchor, others, plans
+    def __init__(self, solved: dict[str, torch.Tensor | None], anchor: int, plans: bool):
+        self._solved, self._anchor, self._plans = solved, anchor, plans
         self._last: tuple[str | None, torch.Tensor | None] = (None, None)
 
     def __getitem__(self, name: str) -> torch.Tensor | None:
@@ -716,7 +716,9 @@ class _WithAnchor(Mapping):
         last = self._last
         if x is None or last[0] == name:
             return None if x is None else last[1]
-        full = _with_anchor(x, self._anchor, self._others, 1.0 / x.shape[-1] if self._plans else 1.0)
+        n = x.shape[-1]
+        own = torch.eye(n, dtype=x.dtype, device=x.device)[None] * (1.0 / n if self._plans else 1.0)
+        full = torch.cat([x[:self._anchor], own, x[self._anchor:]])
         self._last = (name, full)
         return full
 
@@ -728,16 +730,6 @@ class _WithAnchor(Mapping):
 
     def __len__(self) -> int:
         return len(self._solved)
-
-
-def _with_anchor(x: torch.Tensor, anchor: int, others: list[int], mass: float) -> torch.Tensor:
-    """(K-1, n, n) -> (K, n, n): the anchor's own map, ``mass`` times the identity, inserted at its index."""
-    eye = mass * torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-    full = [None] * (len(others) + 1)
-    full[anchor] = eye
-    for j, i in enumerate(others):
-        full[i] = x[j]
-    return torch.stack(full)
 
 
 def fuse_clips(bundles: Sequence, weights=None, *, anchor: int = 0, cfg: FusionConfig = FusionConfig(),
