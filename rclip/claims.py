@@ -290,5 +290,33 @@ def table(records: Sequence[dict]):
     return pd.DataFrame(rows).set_index("claim")
 
 
+def grid(records, *, digits: int = 1):
+    """Many paired differences at a glance (an ablation against its default, say): ``records`` maps keys
+    ``(row, ..., column)`` to records of :func:`compare`; each cell reads "estimate [low, high]", marked "✓"
+    when the engine decides (reproduced or not reproduced: the interval excludes the null value) and "?" when it
+    is undecided ("untestable" where a precondition failed). Rows keep the order of first appearance."""
+    import pandas as pd
+
+    if not records:
+        raise RClipError("grid() needs at least one record")
+    marks = {"reproduced": "✓", "not reproduced": "✓", "undecided": "?"}
+    cells, rows, cols = {}, [], []
+    for key, r in records.items():
+        if not isinstance(key, tuple) or len(key) < 2:
+            raise RClipError(f"grid() keys are tuples (row, ..., column), got {key!r}")
+        r = check(r)
+        row, col = key[:-1], key[-1]
+        rows += [row] if row not in rows else []
+        cols += [col] if col not in cols else []
+        if r["estimate"] is None or r["verdict"] == "untestable":
+            cells[row, col] = "untestable"
+        else:
+            f = "{:+." + str(digits) + "f}"
+            cells[row, col] = (f"{f.format(r['estimate'])} [{f.format(r['ci_low'])}, {f.format(r['ci_high'])}] "
+                               f"{marks[r['verdict']]}")
+    index = pd.MultiIndex.from_tuples(rows) if len(rows[0]) > 1 else pd.Index([r[0] for r in rows])
+    return pd.DataFrame([[cells.get((row, c), "—") for c in cols] for row in rows], index=index, columns=cols)
+
+
 __all__ = ["VERDICTS", "Precondition", "compare", "untestable", "proportion", "above_chance", "paired_interval",
-           "mcnemar_p", "n_needed", "verdict_of", "check", "table"]
+           "mcnemar_p", "n_needed", "verdict_of", "check", "table", "grid"]

@@ -144,3 +144,24 @@ def test_table_shows_interval_and_verdicts():
     assert list(t["verdict"]) == ["reproduced", "untestable"]
     assert "[" in t.loc["A beats B", "difference [95 % CI]"]
     assert "D robust: 1 >= 10 ✗" in t.loc["C beats D", "preconditions"]
+
+
+def test_grid_lays_records_out_by_row_and_column_with_the_engines_verdict():
+    rng = np.random.default_rng(9)
+    a, b = _pair(rng, 400, 0.8, 0.4)           # a clear gain: decided
+    same = b.copy()                              # no difference at all: undecided
+    recs = {("views N", "1", "clean"): claims.compare("N=1 beats N=5", b, a, metric="top-1"),
+            ("views N", "1", "PGD"): claims.compare("N=1 beats N=5", a, b, metric="top-1"),
+            ("crop", "1-1", "clean"): claims.compare("no crops beat crops", same, b, metric="top-1")}
+    g = claims.grid(recs)
+    assert list(g.columns) == ["clean", "PGD"]
+    assert list(g.index) == [("views N", "1"), ("crop", "1-1")]
+    r = recs[("views N", "1", "PGD")]
+    assert g.loc[("views N", "1"), "PGD"] == f"{r['estimate']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}] ✓"
+    assert g.loc[("views N", "1"), "clean"].startswith("-") and g.loc[("views N", "1"), "clean"].endswith("✓")
+    assert g.loc[("crop", "1-1"), "clean"].endswith("?")
+    assert g.loc[("crop", "1-1"), "PGD"] == "—"     # a cell without a record
+    with pytest.raises(RClipError, match="tuples"):
+        claims.grid({"flat": r})
+    with pytest.raises(RClipError, match="at least one"):
+        claims.grid({})
