@@ -23,7 +23,7 @@ so it covers seed variance as well.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -290,32 +290,35 @@ def table(records: Sequence[dict]):
     return pd.DataFrame(rows).set_index("claim")
 
 
-def grid(records, *, digits: int = 1):
-    """Many paired differences at a glance (an ablation against its default, say): ``records`` maps keys
-    ``(row, ..., column)`` to records of :func:`compare`; each cell reads "estimate [low, high]", marked "✓"
-    when the engine decides (reproduced or not reproduced: the interval excludes the null value) and "?" when it
-    is undecided ("untestable" where a precondition failed). Rows keep the order of first appearance."""
+def grid(records: Mapping[tuple, dict], *, names: Sequence[str] | None = None, digits: int = 1):
+    """Many paired differences at a glance (an ablation against its default, say).
+
+    ``records`` maps keys ``(row, ..., column)`` — every key of the same length — to records of :func:`compare`.
+    Each cell reads "estimate [low, high]" followed by "✓" when the engine decides the claim either way
+    (reproduced or not reproduced), "?" when it is undecided, and "untestable" when a precondition failed. Rows
+    and columns keep the order of first appearance; ``names`` names the row levels. Missing cells show "—".
+    """
     import pandas as pd
 
-    if not records:
-        raise RClipError("grid() needs at least one record")
-    marks = {"reproduced": "✓", "not reproduced": "✓", "undecided": "?"}
-    cells, rows, cols = {}, [], []
+    if not isinstance(records, Mapping) or not records:
+        raise RClipError("grid() needs a non-empty mapping {(row, ..., column): record of claims.compare}")
+    lengths = {len(k) if isinstance(k, tuple) else 0 for k in records}
+    if min(lengths) < 2 or len(lengths) > 1:
+        raise RClipError(f"grid() keys must be tuples (row, ..., column) of one length >= 2; got lengths "
+                         f"{sorted(lengths)} (0: not a tuple)")
+    marks = {"reproduced": "✓", "not reproduced": "✓", "undecided": "?", "untestable": "untestable"}
+    f = "{:+." + str(digits) + "f}"
+    cells, rows, cols = {}, {}, {}
     for key, r in records.items():
-        if not isinstance(key, tuple) or len(key) < 2:
-            raise RClipError(f"grid() keys are tuples (row, ..., column), got {key!r}")
         r = check(r)
         row, col = key[:-1], key[-1]
-        rows += [row] if row not in rows else []
-        cols += [col] if col not in cols else []
-        if r["estimate"] is None or r["verdict"] == "untestable":
-            cells[row, col] = "untestable"
-        else:
-            f = "{:+." + str(digits) + "f}"
-            cells[row, col] = (f"{f.format(r['estimate'])} [{f.format(r['ci_low'])}, {f.format(r['ci_high'])}] "
-                               f"{marks[r['verdict']]}")
-    index = pd.MultiIndex.from_tuples(rows) if len(rows[0]) > 1 else pd.Index([r[0] for r in rows])
-    return pd.DataFrame([[cells.get((row, c), "—") for c in cols] for row in rows], index=index, columns=cols)
+        rows.setdefault(row, None)
+        cols.setdefault(col, None)
+        cells[row, col] = marks[r["verdict"]] if r["estimate"] is None else \
+            f"{f.format(r['estimate'])} [{f.format(r['ci_low'])}, {f.format(r['ci_high'])}] {marks[r['verdict']]}"
+    index = pd.MultiIndex.from_tuples(list(rows), names=names) if len(next(iter(rows))) > 1 else \
+        pd.Index([r[0] for r in rows], name=names[0] if names else None)
+    return pd.DataFrame([[cells.get((row, c), "—") for c in cols] for row in rows], index=index, columns=list(cols))
 
 
 __all__ = ["VERDICTS", "Precondition", "compare", "untestable", "proportion", "above_chance", "paired_interval",

@@ -161,7 +161,18 @@ def test_grid_lays_records_out_by_row_and_column_with_the_engines_verdict():
     assert g.loc[("views N", "1"), "clean"].startswith("-") and g.loc[("views N", "1"), "clean"].endswith("✓")
     assert g.loc[("crop", "1-1"), "clean"].endswith("?")
     assert g.loc[("crop", "1-1"), "PGD"] == "—"     # a cell without a record
-    with pytest.raises(RClipError, match="tuples"):
-        claims.grid({"flat": r})
-    with pytest.raises(RClipError, match="at least one"):
-        claims.grid({})
+    assert list(claims.grid(recs, names=["ablation", "setting"]).index.names) == ["ablation", "setting"]
+    for bad in ({"flat": r}, {("B", "c"): r, ("A", "1", "c"): r}, {("c",): r}):      # not (row..., column)
+        with pytest.raises(RClipError, match="one length"):
+            claims.grid(bad)
+    for bad in ({}, [r]):
+        with pytest.raises(RClipError, match="non-empty mapping"):
+            claims.grid(bad)
+    # a failed precondition: the data are still summarised, the cell says untestable
+    failed = claims.compare("A beats B", a, b, metric="top-1", preconditions=[
+        claims.Precondition.at_least("B robust", 1.0, 10.0)])
+    flat = claims.grid({("A", "PGD"): failed, ("C", "PGD"): claims.untestable(
+        "C beats D", metric="top-1", preconditions=[claims.Precondition.at_least("D robust", 1.0, 10.0)])})
+    assert flat.loc["A", "PGD"].startswith(f"{failed['estimate']:+.1f} [") and flat.loc["A", "PGD"].endswith(
+        "untestable")
+    assert flat.loc["C", "PGD"] == "untestable"
