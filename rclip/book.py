@@ -60,23 +60,49 @@ def code_revision() -> str | None:
         return None
 
 
+#: CPU features that decide which float kernels MKL and oneDNN run (bf16 / int8 matrix units, AVX-512, AVX2): two
+#: CPUs with one model name (a virtual machine's "Intel(R) Xeon(R) Processor") can differ in them.
+KERNEL_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2", "fma")
+
+
 def cpu_description() -> dict:
     """The CPU a run computed on: its model name (``/proc/cpuinfo``, else :func:`platform.processor`, else the
-    architecture) and the instruction set torch's CPU kernels dispatch to (``AVX512``, ``AVX2``, ...).
+    architecture), the instruction set torch's CPU kernels dispatch to (``AVX512``, ``AVX2``, ...) and, where
+    ``/proc/cpuinfo`` says, the CPU's family / model / stepping numbers and which of :data:`KERNEL_FLAGS` it has.
 
     Recorded beside every published result because float kernels differ between CPU models (MKL and oneDNN pick
-    per-model code paths), and a training run amplifies their last-bit differences: the same code, seed, threads
-    and library versions give bit-identical results on one CPU model, not across models."""
-    model = None
+    per-model code paths, e.g. AMX tiles for bf16 where present), and a training run amplifies their last-bit
+    differences: the same code, seed, threads and library versions give bit-identical results on one CPU model,
+    not across models — and a virtual machine's model name alone does not tell two such models apart."""
     try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+        info = parse_cpuinfo(Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace"))
     except OSError:
-        pass
-    return {"model": model or platform.processor() or platform.machine() or "unknown",
-            "capability": torch.backends.cpu.get_cpu_capability()}
+        info = {}
+    return {"model": info.pop("model", None) or platform.processor() or platform.machine() or "unknown",
+            "capability": torch.backends.cpu.get_cpu_capability(), **info}
+
+
+def parse_cpuinfo(text: str) -> dict:
+    """From ``/proc/cpuinfo`` text, the first processor's ``model`` name, ``cpuid`` ("family F model M stepping
+    S") and ``kernel_flags`` (those of :data:`KERNEL_FLAGS` it lists); keys it does not find are left out."""
+    fields = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break                      # the first processor's block ends at the first blank line
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    out = {}
+    if fields.get("model name"):
+        out["model"] = fields["model name"]
+    ids = [(k, fields.get(k)) for k in ("cpu family", "model", "stepping")]
+    if all(v for _, v in ids):
+        out["cpuid"] = " ".join(f"{k.replace('cpu ', '')} {v}" for k, v in ids)
+    if "flags" in fields:
+        have = set(fields["flags"].split())
+        out["kernel_flags"] = [f for f in KERNEL_FLAGS if f in have]
+    return out
 
 
 def published_engine(blob: dict) -> str:
@@ -87,7 +113,9 @@ def published_engine(blob: dict) -> str:
 
 def _machine_text(blob: dict) -> str:
     cpu = blob.get("cpu")
-    what = f"{cpu['model']}, {cpu['capability']}" if isinstance(cpu, dict) else "CPU not recorded"
+    what = ", ".join([cpu["model"], cpu["capability"], *([cpu["cpuid"]] if cpu.get("cpuid") else []),
+                      *(["flags " + " ".join(cpu["kernel_flags"])] if cpu.get("kernel_flags") else [])]) \
+        if isinstance(cpu, dict) else "CPU not recorded"
     return f"{blob.get('revision')}, {blob.get('threads')} threads, {what}, engine {published_engine(blob)}"
 
 

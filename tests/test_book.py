@@ -210,6 +210,24 @@ def test_results_record_the_cpu_and_verify_names_a_cpu_change(tmp_path, monkeypa
     assert "same recorded CPU" not in capsys.readouterr().out
 
 
+def test_cpuinfo_names_the_first_processor_its_numbers_and_kernel_flags():
+    """Two hosts with one model name can run different kernels (AMX or not): the JSON records the CPU's numbers
+    and the kernel-relevant flags of the first processor, and says nothing it did not find."""
+    text = ("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+            "model name\t: Intel(R) Xeon(R) Processor\nstepping\t: 8\n"
+            "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_tile amx_bf16 unrelated\n\n"
+            "processor\t: 1\ncpu family\t: 6\nmodel\t\t: 85\nmodel name\t: Another\nstepping\t: 4\n"
+            "flags\t\t: avx2\n")
+    assert book.parse_cpuinfo(text) == {"model": "Intel(R) Xeon(R) Processor", "cpuid": "family 6 model 143 stepping 8",
+                                        "kernel_flags": ["amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2",
+                                                         "fma"]}
+    assert book.parse_cpuinfo("processor\t: 0\nmodel name\t: X\n") == {"model": "X"}
+    assert book.parse_cpuinfo("") == {}
+    blob = {"revision": "r", "threads": 2, "cpu": {"model": "X", "capability": "AVX2", "cpuid": "family 6 model 85 "
+                                                   "stepping 4", "kernel_flags": ["avx2"]}}
+    assert "X, AVX2, family 6 model 85 stepping 4, flags avx2" in book._machine_text(blob)
+
+
 def test_verify_reruns_each_chapter_under_its_published_engine(tmp_path, monkeypatch, capsys):
     """A results JSON records its engine; ``--verify`` re-runs each chapter under the engine it names (a JSON
     without one predates the fast engine: plain), and its report names both runs' engines."""
