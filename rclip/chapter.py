@@ -152,6 +152,39 @@ def finetune_config(params: dict, method: str):
                                                ckpt_every=max(1, steps // 4), seed=params["seed"]))
 
 
+def finetune_recipe(params: dict) -> str:
+    """The shared adversarial fine-tuning schedule in words, as :func:`finetune_config` runs it at world scale (the
+    sentence a chapter prints beside the baselines it trains)."""
+    f = finetune_settings(params)
+    cfg = finetune_config(params, "tecoa")
+    t = cfg.train
+    return (f"PGD-{cfg.attack_steps} (step ε/4, random start) at ε = {f['eps']:g}/255 inside every step; "
+            f"{t.steps} steps × {t.batch_size} images from the {f['n']:,} train images of {f['task']}; "
+            f"AdamW, lr {t.lr:g} (warm-up {t.warmup_steps} steps, cosine to {t.min_lr:g}), weight decay "
+            f"{t.weight_decay:g}; the image tower only")
+
+
+def attacked_scores(bundles: dict, tasks: dict, budgets: dict[str, float], *, n: int, steps: int, seed: int):
+    """Per-image correctness of each CLIP in ``bundles`` (name -> bundle), zero-shot on ``tasks`` (the first ``n``
+    images of each), clean and under ℓ∞ PGD-``steps`` (step ε/4, random start) computed against that same CLIP at
+    each of ``budgets`` (label -> ε): conditions ``"clean"`` and ``"PGD <label>"``.
+
+    For preconditions that must be settled before a claim is tested, e.g. that a baseline meant to be robust is,
+    on :meth:`Setup.validation` tasks. Returns a :class:`rclip.robustness.Scores`."""
+    from rclip import robustness, zeroshot
+
+    if not bundles or not tasks:
+        raise RClipError("attacked_scores needs at least one model and one task")
+    scores = robustness.Scores({t: task.num_classes for t, task in tasks.items()})
+    for name, b in bundles.items():
+        for t, task in tasks.items():
+            clf = zeroshot.zeroshot_classifier(b, task)
+            sets = robustness.transfer_sets(clf, *task.tensors(n), budgets, steps=steps, seed=seed, attacks=("pgd",))
+            for cond, c in robustness.correct_table({name: clf}, sets)[name].items():
+                scores.add(name, t, cond, c)
+    return scores
+
+
 FINETUNE_KEYS = ("task", "n", "steps", "batch", "attack_steps", "eps", "lr")
 
 

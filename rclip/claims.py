@@ -290,6 +290,16 @@ def table(records: Sequence[dict]):
     return pd.DataFrame(rows).set_index("claim")
 
 
+def interval_text(record: dict, digits: int = 1) -> str:
+    """A record's paired difference as prose reads it: "+3.4 [+1.4, +5.6]" (estimate [95 % interval]), or
+    "untestable" when a precondition failed and nothing was estimated."""
+    r = check(record)
+    if r["estimate"] is None:
+        return "untestable"
+    f = "{:+." + str(digits) + "f}"
+    return f"{f.format(r['estimate'])} [{f.format(r['ci_low'])}, {f.format(r['ci_high'])}]"
+
+
 def grid(records: Mapping[tuple, dict], *, names: Sequence[str] | None = None, digits: int = 1):
     """Many paired differences at a glance (an ablation against its default, say).
 
@@ -307,7 +317,6 @@ def grid(records: Mapping[tuple, dict], *, names: Sequence[str] | None = None, d
         raise RClipError(f"grid() keys must be tuples (row, ..., column) of one length >= 2; got lengths "
                          f"{sorted(lengths)} (0: not a tuple)")
     marks = {"reproduced": "✓", "not reproduced": "✓", "undecided": "?", "untestable": "untestable"}
-    f = "{:+." + str(digits) + "f}"
     cells, rows, cols = {}, {}, {}
     for key, r in records.items():
         r = check(r)
@@ -315,11 +324,11 @@ def grid(records: Mapping[tuple, dict], *, names: Sequence[str] | None = None, d
         rows.setdefault(row, None)
         cols.setdefault(col, None)
         cells[row, col] = marks[r["verdict"]] if r["estimate"] is None else \
-            f"{f.format(r['estimate'])} [{f.format(r['ci_low'])}, {f.format(r['ci_high'])}] {marks[r['verdict']]}"
+            f"{interval_text(r, digits)} {marks[r['verdict']]}"
     index = pd.MultiIndex.from_tuples(list(rows), names=names) if len(next(iter(rows))) > 1 else \
         pd.Index([r[0] for r in rows], name=names[0] if names else None)
     return pd.DataFrame([[cells.get((row, c), "—") for c in cols] for row in rows], index=index, columns=list(cols))
 
 
 __all__ = ["VERDICTS", "Precondition", "compare", "untestable", "proportion", "above_chance", "paired_interval",
-           "mcnemar_p", "n_needed", "verdict_of", "check", "table", "grid"]
+           "mcnemar_p", "n_needed", "verdict_of", "check", "table", "interval_text", "grid"]

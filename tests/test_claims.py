@@ -176,3 +176,15 @@ def test_grid_lays_records_out_by_row_and_column_with_the_engines_verdict():
     assert flat.loc["A", "PGD"].startswith(f"{failed['estimate']:+.1f} [") and flat.loc["A", "PGD"].endswith(
         "untestable")
     assert flat.loc["C", "PGD"] == "untestable"
+
+
+def test_interval_text_reads_estimate_and_interval_or_untestable():
+    rng = np.random.default_rng(4)
+    a, b = _pair(rng, 300, 0.8, 0.5)
+    r = claims.compare("A beats B", a, b, metric="top-1")
+    assert claims.interval_text(r) == f"{r['estimate']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]"
+    assert claims.interval_text(r, digits=2).count(".") == 3 and claims.interval_text(r).startswith("+")
+    gone = claims.untestable("C beats D", metric="top-1", preconditions=[claims.Precondition.at_least("D", 1, 10)])
+    assert claims.interval_text(gone) == "untestable"
+    with pytest.raises(RClipError):
+        claims.interval_text({"claim": "not a record"})
