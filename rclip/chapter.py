@@ -4,7 +4,9 @@
   tasks, the papers' nominal budgets and (world scale) each task's own reference budget from chapter 0, and the
   sentences that say what every number is.
 * :func:`robust_baselines` — the TeCoA / PMG-AFT / FARE encoders that chapters 1 and 2 share (one schedule, one
-  cache), or the released checkpoints at paper scale.
+  cache), or the released checkpoints at paper scale; :func:`finetune_recipe` states that schedule in words.
+* :func:`attacked_scores` — clean and PGD correctness of several encoders, each attacked against itself: the
+  measurement behind a precondition such as "the baseline meant to be robust is" (on validation tasks).
 * :func:`styled` — a table as the book shows it: whole cells (never truncated), numbers rounded, and a caption
   line stating scale, model, data, n and attack.
 
@@ -103,10 +105,11 @@ class Setup:
                 f"({', '.join(self.nominal)})" + (f" and at each task's own reference budget "
                                                    f"({self.reference_text()})" if self.reference else ""))
 
-    def caption(self, what: str, *, n: str | None = None, attack: str | None = None, model: str | None = None
-                ) -> str:
-        """The caption line of a table: what it shows, then scale, model, data, n and attack."""
-        parts = [what, self.label, f"model {model or self.model}", f"data {self.data}",
+    def caption(self, what: str, *, n: str | None = None, attack: str | None = None, model: str | None = None,
+                data: str | None = None) -> str:
+        """The caption line of a table: what it shows, then scale, model, data (default: the test tasks), n and
+        attack."""
+        parts = [what, self.label, f"model {model or self.model}", f"data {data or self.data}",
                  f"n = {n or f'{self.n} images per task'}"]
         if attack:
             parts.append(f"attack {attack}")
@@ -153,15 +156,19 @@ def finetune_config(params: dict, method: str):
 
 
 def finetune_recipe(params: dict) -> str:
-    """The shared adversarial fine-tuning schedule in words, as :func:`finetune_config` runs it at world scale (the
-    sentence a chapter prints beside the baselines it trains)."""
+    """The shared adversarial fine-tuning schedule in words, as :func:`finetune_config` runs it on the data of
+    :func:`finetune_data` (the sentence a chapter prints beside the baselines it trains)."""
     f = finetune_settings(params)
     cfg = finetune_config(params, "tecoa")
     t = cfg.train
-    return (f"PGD-{cfg.attack_steps} (step ε/4, random start) at ε = {f['eps']:g}/255 inside every step; "
-            f"{t.steps} steps × {t.batch_size} images from the {f['n']:,} train images of {f['task']}; "
-            f"AdamW, lr {t.lr:g} (warm-up {t.warmup_steps} steps, cosine to {t.min_lr:g}), weight decay "
-            f"{t.weight_decay:g}; the image tower only")
+    images = "all train images" if f["n"] is None else f"the {f['n']:,} train images"
+    where = f["task"] if params.get("scale", "world") == "world" else "inputs.datasets.imagenet_train"
+    optimizer = {"adamw": "AdamW", "sgd": f"SGD (momentum {t.momentum:g})"}[t.optimizer]
+    clip = f", gradient norm clipped at {t.grad_clip:g}" if t.grad_clip else ""
+    return (f"PGD-{cfg.attack_steps} (step ε/4, random start) at ε = {eps_label(f['eps'])} inside every step; "
+            f"{t.steps} steps × {t.batch_size} images from {images} of {where}; {optimizer}, lr {t.lr:g} (warm-up "
+            f"{t.warmup_steps} steps, cosine to {t.min_lr:g}), weight decay {t.weight_decay:g} (not on gains and "
+            f"biases){clip}{'; bf16 autocast where the device has it' if t.amp else ''}; the image tower only")
 
 
 def attacked_scores(bundles: dict, tasks: dict, budgets: dict[str, float], *, n: int, steps: int, seed: int):
@@ -177,11 +184,12 @@ def attacked_scores(bundles: dict, tasks: dict, budgets: dict[str, float], *, n:
         raise RClipError("attacked_scores needs at least one model and one task")
     scores = robustness.Scores({t: task.num_classes for t, task in tasks.items()})
     for name, b in bundles.items():
+        per_task = {}
         for t, task in tasks.items():
             clf = zeroshot.zeroshot_classifier(b, task)
             sets = robustness.transfer_sets(clf, *task.tensors(n), budgets, steps=steps, seed=seed, attacks=("pgd",))
-            for cond, c in robustness.correct_table({name: clf}, sets)[name].items():
-                scores.add(name, t, cond, c)
+            per_task[t] = robustness.correct_table({name: clf}, sets)[name]
+        scores.add_all(name, per_task)
     return scores
 
 

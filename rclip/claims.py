@@ -273,10 +273,7 @@ def table(records: Sequence[dict]):
 
     rows = []
     for r in map(check, records):
-        if r["estimate"] is None:
-            est = "—"
-        else:
-            est = f"{r['estimate']:+.1f} [{r['ci_low']:+.1f}, {r['ci_high']:+.1f}]"
+        est = "—" if r["estimate"] is None else interval_text(r)
         sides = f"{r['sides'][0]} {r['mean_a']:.1f} vs {r['sides'][1]} {r['mean_b']:.1f}" \
             if r["mean_a"] is not None else " vs ".join(r["sides"])
         pre = "; ".join(Precondition(**p).text() for p in r["preconditions"]) or "—"

@@ -162,18 +162,28 @@ def test_validation_tasks_are_the_same_tasks_on_the_validation_split(tiny):
         Setup("paper", tiny, test, {}).validation(4)
 
 
-def test_attacked_scores_attack_each_model_against_itself_on_the_tasks_given(tiny):
+def test_attacked_scores_attack_each_model_against_itself_on_the_tasks_given(tiny, monkeypatch):
     import copy
 
-    from rclip.chapter import attacked_scores
+    from rclip import chapter
 
     tasks = {"shape": world.zeroshot_task("shape", n=6, resolution=32),
              "colour": world.zeroshot_task("colour", n=6, resolution=32)}
     other = copy.deepcopy(tiny)
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in other.model.visual.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    scores = attacked_scores({"A": tiny, "B": other}, tasks, {"4/255": 4 / 255}, n=5, steps=2, seed=3)
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    victims, real = [], robustness.transfer_sets
+
+    def spy(victim, images, labels, budgets, **kw):     # which model each attack targets, on which images
+        victims.append((victim.bundle, len(images), dict(budgets), kw["steps"], kw["seed"]))
+        return real(victim, images, labels, budgets, **kw)
+
+    monkeypatch.setattr(robustness, "transfer_sets", spy)
+    scores = chapter.attacked_scores({"A": tiny, "B": other}, tasks, {"4/255": 4 / 255}, n=5, steps=2, seed=3)
+    assert [(v[0] is b, v[1:]) for v, b in zip(victims, [tiny, tiny, other, other])] == \
+        [(True, (5, {"4/255": 4 / 255}, 2, 3))] * 4
     assert scores.models == ["A", "B"] and scores.tasks == ["shape", "colour"]
     assert scores.conditions == ["clean", "PGD 4/255"]
     for name, bundle in (("A", tiny), ("B", other)):      # first principles: PGD against that model, first n images
@@ -183,20 +193,23 @@ def test_attacked_scores_attack_each_model_against_itself_on_the_tasks_given(tin
         assert scores.data[(name, "colour", "PGD 4/255")].tolist() == (zeroshot.correct(clf, adv, y).float() * 100
                                                                        ).tolist()
         assert scores.data[(name, "colour", "clean")].tolist() == (zeroshot.correct(clf, x, y).float() * 100).tolist()
-    with pytest.raises(RClipError, match="at least one model"):
-        attacked_scores({}, tasks, {"4/255": 4 / 255}, n=5, steps=2, seed=0)
+    for bundles, tasks_ in (({}, tasks), ({"A": tiny}, {})):
+        with pytest.raises(RClipError, match="at least one model and one task"):
+            chapter.attacked_scores(bundles, tasks_, {"4/255": 4 / 255}, n=5, steps=2, seed=0)
 
 
 def test_finetune_recipe_states_the_schedule_the_config_runs():
     from rclip.chapter import finetune_config, finetune_recipe
 
-    params = {"seed": 0, "finetune": {"task": "colour_shape", "n": 20000, "steps": 240, "batch": 32,
-                                      "attack_steps": 3, "eps": 4, "lr": 1e-4}}
+    params = {"seed": 0, "scale": "world", "finetune": {"task": "colour_shape", "n": 20000, "steps": 240,
+                                                        "batch": 32, "attack_steps": 3, "eps": 4, "lr": 1e-4}}
     text = finetune_recipe(params)
     cfg = finetune_config(params, "tecoa")
     assert cfg.attack_steps == 3 and cfg.train.steps == 240 and cfg.train.warmup_steps == 24
-    for part in ("PGD-3", "ε = 4/255", "240 steps × 32 images", "20,000 train images of colour_shape", "lr 0.0001",
-                 "warm-up 24 steps", "cosine to 1e-05"):
+    for part in ("PGD-3", "ε = 4/255", "240 steps × 32 images", "20,000 train images of colour_shape", "AdamW",
+                 "lr 0.0001", "warm-up 24 steps", "cosine to 1e-05", f"clipped at {cfg.train.grad_clip:g}"):
         assert part in text, part
+    paper = finetune_recipe({**params, "scale": "paper", "finetune": {**params["finetune"], "n": None}})
+    assert "all train images of inputs.datasets.imagenet_train" in paper and "colour_shape" not in paper
     with pytest.raises(RClipError, match="finetune parameter"):
         finetune_recipe({"seed": 0, "finetune": {"steps": 1}})

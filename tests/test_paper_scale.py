@@ -92,3 +92,6 @@ def test_chapter1_runs_at_paper_scale_on_stand_ins(inputs, tmp_path):
     assert set(res["table3_mean"]) == {"FARE", "FARE + TTC", "FARE + COLA"}
     assert all(c["verdict"] in ("reproduced", "not reproduced", "undecided", "untestable") for c in res["claims"])
     assert res["finetune"] == {}                               # loaded, not fine-tuned
+    pre = res["baseline_precondition"]                         # no validation split: measured on the test images
+    assert pre["split"] == "test" and pre["n_per_task"] == 8 and set(pre["preconditions"]) == {"FARE"}
+    assert [g["sides"] for g in pre["gaps"]] == [["FARE", "CLIP"]]
