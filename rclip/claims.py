@@ -289,7 +289,8 @@ def table(records: Sequence[dict]):
 
 def interval_text(record: dict, digits: int = 1) -> str:
     """A record's paired difference as prose reads it: "+3.4 [+1.4, +5.6]" (estimate [95 % interval]), or
-    "untestable" when a precondition failed and nothing was estimated."""
+    "untestable" when nothing was estimated (:func:`untestable`'s records). A record that was estimated but whose
+    precondition failed still reads its numbers: its verdict, not this text, says it is untestable."""
     r = check(record)
     if r["estimate"] is None:
         return "untestable"

@@ -182,6 +182,7 @@ def test_attacked_scores_attack_each_model_against_itself_on_the_tasks_given(tin
 
     monkeypatch.setattr(robustness, "transfer_sets", spy)
     scores = chapter.attacked_scores({"A": tiny, "B": other}, tasks, {"4/255": 4 / 255}, n=5, steps=2, seed=3)
+    assert len(victims) == 4                                # one attack per model and task, no more
     assert [(v[0] is b, v[1:]) for v, b in zip(victims, [tiny, tiny, other, other])] == \
         [(True, (5, {"4/255": 4 / 255}, 2, 3))] * 4
     assert scores.models == ["A", "B"] and scores.tasks == ["shape", "colour"]

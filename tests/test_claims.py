@@ -186,5 +186,9 @@ def test_interval_text_reads_estimate_and_interval_or_untestable():
     assert claims.interval_text(r, digits=2).count(".") == 3 and claims.interval_text(r).startswith("+")
     gone = claims.untestable("C beats D", metric="top-1", preconditions=[claims.Precondition.at_least("D", 1, 10)])
     assert claims.interval_text(gone) == "untestable"
+    failed = claims.compare("A beats B", a, b, metric="top-1",
+                            preconditions=[claims.Precondition.at_least("B", 1, 10)])   # estimated, then gated
+    assert failed["verdict"] == "untestable" and failed["estimate"] is not None
+    assert claims.interval_text(failed).startswith(f"{a.mean() - b.mean():+.1f} [")     # points, A minus B
     with pytest.raises(RClipError):
         claims.interval_text({"claim": "not a record"})
