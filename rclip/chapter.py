@@ -6,7 +6,8 @@
 * :func:`robust_baselines` — the TeCoA / PMG-AFT / FARE encoders that chapters 1 and 2 share (one schedule, one
   cache), or the released checkpoints at paper scale; :func:`finetune_recipe` states that schedule in words.
 * :func:`attacked_scores` — clean and PGD correctness of several encoders, each attacked against itself: the
-  measurement behind a precondition such as "the baseline meant to be robust is" (on validation tasks).
+  measurement behind a precondition such as "the baseline meant to be robust is" (on validation tasks);
+  :func:`robust_precondition` turns it into that precondition, decided by the claims engine.
 * :func:`styled` — a table as the book shows it: whole cells (never truncated), numbers rounded, and a caption
   line stating scale, model, data, n and attack.
 
@@ -191,6 +192,38 @@ def attacked_scores(bundles: dict, tasks: dict, budgets: dict[str, float], *, n:
             per_task[t] = robustness.correct_table({name: clf}, sets)[name]
         scores.add_all(name, per_task)
     return scores
+
+
+def robust_precondition(encoders: dict, tasks: dict, *, eps_255: float, n: int, steps: int, seed: int,
+                        where: str, reference: str = "CLIP", threshold: float = 10.0) -> dict:
+    """The precondition of every claim against a baseline meant to be robust: each encoder of ``encoders`` (name ->
+    bundle; ``reference``, the undefended CLIP, among them) is attacked against itself with PGD-``steps`` at its
+    fine-tuning budget ``eps_255`` / 255 on the first ``n`` images of each of ``tasks`` (:func:`attacked_scores`;
+    the validation split at world scale, named by ``where``), and the claims engine compares it with ``reference``
+    over the tasks on which both are above chance. The precondition holds when the 95 % interval's lower end is at
+    least ``threshold`` points.
+
+    Returns ``{"scores", "means", "gaps": {name: record}, "preconditions": {name: Precondition}, "label",
+    "record"}``, ``record`` being what the chapter stores (split, n, budget, means, the engine's records)."""
+    from rclip import claims
+    from rclip.book import records
+
+    if reference not in encoders or len(encoders) < 2:
+        raise RClipError(f"robust_precondition needs {reference!r} and at least one encoder to compare with it; "
+                         f"got {sorted(encoders)}")
+    label, eps = next(iter(nominal_budgets([eps_255]).items()))
+    scores = attacked_scores(encoders, tasks, {label: eps}, n=n, steps=steps, seed=seed)
+    cond = f"PGD {label}"
+    gaps = {m: scores.compare(f"{m} is more robust than {reference} at {cond} ({where})", m, reference, cond,
+                              source="book") for m in encoders if m != reference}
+    pre = {m: claims.Precondition.at_least(f"{m} − {reference} at {cond}, the fine-tuning budget, {n} {where} images "
+                                           f"per task (points, 95 % interval's lower end)", r["ci_low"], threshold)
+           for m, r in gaps.items()}
+    means = scores.means()
+    return {"scores": scores, "means": means, "gaps": gaps, "preconditions": pre, "label": label,
+            "record": {"split": where, "n_per_task": n, "budget": label, "attack": f"PGD-{steps}, step ε/4, random "
+                       "start, against each model itself", "means": records(means), "gaps": list(gaps.values()),
+                       "preconditions": {m: vars(p) for m, p in pre.items()}}}
 
 
 FINETUNE_KEYS = ("task", "n", "steps", "batch", "attack_steps", "eps", "lr")

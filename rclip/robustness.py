@@ -77,7 +77,9 @@ def autoattack_correct(bundle, tasks: dict, budgets: dict[str, float] | dict[str
 
     As in AutoAttack's protocol only the images still classified correctly are attacked: first the clean-correct
     ones at the smallest budget, then, at each larger budget, those that survived the smaller one (an adversarial
-    image within a smaller ball is one within the larger ball too, so robust accuracy can only fall).
+    image within a smaller ball is one within the larger ball too, so robust accuracy can only fall). A label whose
+    budget equals one already attacked on this task (e.g. a reference budget of 2/255 beside the nominal 2/255)
+    takes that budget's result: AutoAttack runs once per distinct budget.
 
     tasks: name -> ZeroShotTask (class embeddings from its templates). budgets: label -> eps ([0, 1] units), or
     label -> {task: eps} for a budget that differs by task (the world's per-task reference budgets; a task
@@ -91,7 +93,12 @@ def autoattack_correct(bundle, tasks: dict, budgets: dict[str, float] | dict[str
         alive = predict(clf, x).to(y.device) == y
         row = {"clean": alive.cpu().clone()}
         own = {label: (eps if not isinstance(eps, dict) else eps.get(name)) for label, eps in budgets.items()}
+        done = {}                                   # budget -> the label that attacked it
         for label, eps in sorted(((k, v) for k, v in own.items() if v is not None), key=lambda kv: kv[1]):
+            if eps in done:
+                row[label] = row[done[eps]].clone()
+                continue
+            done[eps] = label
             idx = alive.nonzero().flatten()
             if len(idx):
                 adv = autoattack(clf, x[idx], y[idx], eps, steps=steps, seed=seed, batch_size=batch_size)

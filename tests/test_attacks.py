@@ -199,6 +199,39 @@ def test_attacked_scores_attack_each_model_against_itself_on_the_tasks_given(tin
             chapter.attacked_scores(bundles, tasks_, {"4/255": 4 / 255}, n=5, steps=2, seed=0)
 
 
+def test_robust_precondition_is_the_engines_lower_end_against_clip():
+    from rclip import chapter, claims, models
+
+    clip = models.load("world")                     # above chance on these tasks, so the engine compares
+    other = clip.copy()
+    with torch.no_grad():
+        for p in other.model.visual.parameters():
+            p.add_(0.003 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    tasks = {t: world.zeroshot_task(t, n=12, resolution=64, split="val") for t in ("colour", "texture")}
+    encoders = {"CLIP": clip, "B": other}
+    out = chapter.robust_precondition(encoders, tasks, eps_255=2, n=12, steps=2, seed=0, where="validation",
+                                      threshold=-100)
+    scores = chapter.attacked_scores(encoders, tasks, {"2/255": 2 / 255}, n=12, steps=2, seed=0)
+    keep = scores.tasks_above_chance("B", "CLIP")
+    assert keep                                     # the engine's record on the same items, recomputed
+    ref = claims.compare("x", scores.items("B", "PGD 2/255", keep), scores.items("CLIP", "PGD 2/255", keep),
+                         metric="m")
+    gap = out["gaps"]["B"]
+    assert (gap["n"], gap["estimate"], gap["ci_low"], gap["ci_high"]) == \
+        (ref["n"], ref["estimate"], ref["ci_low"], ref["ci_high"])
+    pre = out["preconditions"]["B"]
+    assert pre.value == gap["ci_low"] and pre.threshold == -100 and pre.holds and list(out["gaps"]) == ["B"]
+    assert "2/255" in pre.name and "12 validation images per task" in pre.name
+    strict = chapter.robust_precondition(encoders, tasks, eps_255=2, n=12, steps=2, seed=0, where="validation",
+                                         threshold=101)
+    assert not strict["preconditions"]["B"].holds                   # no gap can exceed 100 points
+    rec = out["record"]
+    assert rec["split"] == "validation" and rec["n_per_task"] == 12 and rec["budget"] == "2/255"
+    assert rec["preconditions"]["B"]["value"] == gap["ci_low"] and rec["gaps"] == [gap]
+    with pytest.raises(RClipError, match="'CLIP' and at least one encoder"):
+        chapter.robust_precondition({"B": other}, tasks, eps_255=4, n=8, steps=2, seed=0, where="validation")
+
+
 def test_finetune_recipe_states_the_schedule_the_config_runs():
     from rclip.chapter import finetune_config, finetune_recipe
 

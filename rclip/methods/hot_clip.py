@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -451,6 +452,34 @@ def drift(start: dict, tower, fusion: FusionConfig, heads: int) -> dict[str, flo
     return {"weight_distance": float(np.sqrt(num / den)), "self_match": self_match_share(res)}
 
 
+def perturbation_curve(base, sizes: Sequence[float], fusion: FusionConfig, *, seed: int = 0) -> list[dict]:
+    """How far a tower must move from ``base``'s image tower before OT stops mapping its neurons onto the base's:
+    for each relative size d of ``sizes``, every floating-point tensor v of the tower gets Gaussian noise of norm
+    about d·‖v‖ (``d * ‖v‖ / sqrt(numel) * N(0, 1)``, one generator seeded ``seed``) and :func:`drift` measures the
+    result against ``base``. Fine-tuning moves weights along directions that matter; random noise of the same size
+    is a move of that size in no particular direction. ``"converged"``: whether every Sinkhorn solve of that point
+    met its tolerance (at noise several times the weights' norm some stop at ``max_iter`` with marginal violations
+    of a few 1e-4, which moves the share by about as much). Returns ``[{"relative_size", "weight_distance",
+    "self_match", "converged"}]``."""
+    if any(d < 0 for d in sizes):
+        raise RClipError(f"perturbation sizes are relative norms >= 0, got {list(sizes)}")
+    start = visual_state(base)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for d in sizes:
+        noisy = {k: (v + d * v.norm() / v.numel() ** 0.5 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+                     if v.is_floating_point() else v) for k, v in start.items()}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", message="sinkhorn did not converge", category=RuntimeWarning)
+            point = drift(start, base.with_visual(noisy), fusion, _heads(base))
+        for w in caught:                               # anything else is passed on
+            if "sinkhorn did not converge" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        converged = not any("sinkhorn did not converge" in str(w.message) for w in caught)
+        out.append({"relative_size": float(d), **point, "converged": converged})
+    return out
+
+
 def memory_profile(base, dataset, data_key: dict, classnames, templates, cfg: HotClipConfig) -> dict[str, dict]:
     """The number (and size) of image towers in memory at the peak of each strategy, measured by running the real
     pipeline from an empty, temporary cache with one optimisation step per stage (how many towers a step holds
@@ -537,15 +566,6 @@ def autoattack_scores(models: dict, tasks: dict, budgets: dict, *, steps: int, s
                                                                             seed=seed)
         scores.add_all(name, per_task)
     return scores
-
-
-def gap(means, a: str, b: str, column: str) -> float | None:
-    """``means.loc[a, column] - means.loc[b, column]`` of a :meth:`rclip.robustness.Scores.means` table; None when
-    either is missing (a model not evaluated, or at chance everywhere)."""
-    if a not in means.index or b not in means.index or column not in means.columns:
-        return None
-    value = float(means.loc[a, column] - means.loc[b, column])
-    return None if np.isnan(value) else value
 
 
 def n_to_resolve(scores, a: str, b: str, condition: str, effect: float) -> int | None:
