@@ -199,6 +199,15 @@ class Scores:
             raise RClipError(f"no scores of {model} under {condition!r} on {missing}")
         return np.concatenate([self.data[(model, t, condition)] for t in tasks])
 
+    def disagreement(self, a: str, b: str, condition: str) -> float | None:
+        """The share (%) of items that models ``a`` and ``b`` score differently under ``condition``, over the tasks
+        on which both are above chance (those a :meth:`compare` of the two pools): the precondition that two models
+        meant to differ do. None when no such task."""
+        keep = self.tasks_above_chance(a, b)
+        if not keep:
+            return None
+        return float((self.items(a, condition, keep) != self.items(b, condition, keep)).mean() * 100)
+
     def compare(self, claim: str, a: str, b: str, condition: str, *, condition_b: str | None = None,
                 tasks: Sequence[str] | None = None, preconditions=(), **kw) -> dict:
         """A claim that model ``a`` beats model ``b`` under ``condition`` (``b`` under ``condition_b`` if given),

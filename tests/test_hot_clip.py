@@ -122,25 +122,23 @@ def test_autoattack_runs_once_per_distinct_budget(tiny, monkeypatch):
     from rclip import robustness
 
     calls = []
-    real = robustness.autoattack
 
-    def spy(clf, x, y, eps, **kw):
+    def spy(clf, x, y, eps, **kw):              # an attack that finds nothing: every clean-correct image survives
         calls.append((len(x), eps))
-        return real(clf, x, y, eps, **kw)
+        return x
 
     monkeypatch.setattr(robustness, "autoattack", spy)
     tasks = {"colour": world.zeroshot_task("colour", n=16, resolution=32),
              "count": world.zeroshot_task("count", n=16, resolution=32)}
     budgets = {"2/255": 2 / 255, "4/255": 4 / 255, "ref": {"colour": 2 / 255, "count": 3 / 255}}
     table = robustness.autoattack_correct(tiny, tasks, budgets, steps=2)
-    eps_attacked = [e for _, e in calls]
-    # colour: 2/255 once (ref shares it), then 4/255; count: 2/255, 3/255 (ref), 4/255 — if anything survives
-    assert eps_attacked.count(2 / 255) <= 2 and eps_attacked.count(3 / 255) <= 1
-    assert len([e for e in eps_attacked if e == 2 / 255]) == sum(
-        bool(table[t]["clean"].any()) for t in tasks)
-    assert torch.equal(table["colour"]["ref"], table["colour"]["2/255"])           # the same result, not re-attacked
-    assert list(table["colour"]) == ["clean", "2/255", "4/255", "ref"]
-    assert not (table["count"]["4/255"] & ~table["count"]["ref"]).any()
+    n = {t: int(table[t]["clean"].sum()) for t in tasks}
+    assert min(n.values()) > 0                  # something to attack on both tasks
+    # colour: 2/255 once (ref shares it), then 4/255; count: 2/255, 3/255 (its ref), 4/255
+    assert calls == [(n["colour"], 2 / 255), (n["colour"], 4 / 255),
+                     (n["count"], 2 / 255), (n["count"], 3 / 255), (n["count"], 4 / 255)]
+    assert torch.equal(table["colour"]["ref"], table["colour"]["2/255"]) and list(table["colour"]) == \
+        ["clean", "2/255", "4/255", "ref"]
 
 
 def test_independent_towers_and_interpolation(tiny):
@@ -208,6 +206,9 @@ def test_chapter_helpers(tiny):
     s = Scores({"t": 2})
     s.add("a", "t", "clean", np.r_[np.ones(90), np.zeros(10)])
     s.add("b", "t", "clean", np.r_[np.ones(80), np.zeros(20)])
+    assert s.disagreement("a", "b", "clean") == pytest.approx(10)       # images 80..89: right for a, wrong for b
+    s.add("c", "t", "clean", np.r_[np.ones(50), np.zeros(50)])           # at chance (2 classes): no task to compare
+    assert s.disagreement("a", "c", "clean") is None
     from rclip.claims import n_needed
 
     d = s.items("a", "clean", ["t"]) - s.items("b", "clean", ["t"])
@@ -313,7 +314,7 @@ def test_chapter2_runs_at_paper_scale_on_stand_ins(tmp_path, tiny, make_cifar10)
     params = notebook_parameters("smoke", "02_hot_clip")
     results = tmp_path / "02_hot_clip.json"
     params.update(scale="paper", inputs=inputs, tasks=None, ablation_tasks=None, n_eval=6,
-                  finetune={**params["finetune"], "n": None}, results_path=str(results), table7_always=True)
+                  finetune={**params["finetune"], "n": None}, results_path=str(results))
     os.environ.setdefault("RCLIP_ROOT", str(root))
     pm.execute_notebook(str(root / "notebooks" / "02_hot_clip.ipynb"), str(tmp_path / "out.ipynb"),
                         parameters=params, kernel_name="python3", cwd=str(root / "notebooks"), progress_bar=False)
@@ -327,9 +328,8 @@ def test_chapter2_runs_at_paper_scale_on_stand_ins(tmp_path, tiny, make_cifar10)
             "HOT-CLIP"} == set(res["table5_mean"])
     assert set(res["table7_mean"]) == {"1 x 3", "2 x 3", "3 x 3", "3 x 1"} and len(res["table8_mean"]) == 2
     assert res["baseline_precondition"]["split"] == "test"              # no validation split at paper scale
-    share = res["self_match_share"]["all 9 submodels onto one anchor"]
-    table7 = [r for r in res["claims"] if "(AutoAttack" in r["claim"] and "Table 7" in r["claim"]]
-    assert len(table7) == 6 and all((r["verdict"] == "untestable") == (share >= 0.9) for r in table7)
+    table7 = [r for r in res["claims"] if "Table 7" in r["claim"]]
+    assert len(table7) == 6 and all(any("score differently" in p["name"] for p in r["preconditions"]) for r in table7)
     assert "towers" not in res                                           # the tower experiment is world-only
     assert set(res["memory"]) == {"average", "direct", "hierarchical"}
     from rclip import claims
@@ -348,6 +348,7 @@ def test_perturbation_curve_moves_the_tower_by_the_size_asked(tiny):
     for p in curve[1:]:                              # noise of norm d·‖v‖ per tensor: distance d overall
         assert p["weight_distance"] == pytest.approx(p["relative_size"], rel=0.1)
     assert curve[-1]["self_match"] < curve[1]["self_match"]              # enough noise scrambles the neurons
+    assert all(p["ot"]["problems"] > 0 and p["ot"]["not_converged"] <= p["ot"]["problems"] for p in curve)
     again = perturbation_curve(tiny, [1], FusionConfig("soft", reg=0.08), seed=0)
     assert perturbation_curve(tiny, [1], FusionConfig("soft", reg=0.08), seed=0) == again      # seeded
     with pytest.raises(RClipError, match="relative norms"):

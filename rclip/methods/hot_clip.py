@@ -440,43 +440,41 @@ class HotClip:
         return {"submodel pool": round(pool, 1), "hierarchy's fine-tunes": round(tunes, 1)}
 
 
-def drift(start: dict, tower, fusion: FusionConfig, heads: int) -> dict[str, float]:
+def drift(start: dict, tower, fusion: FusionConfig, heads: int, *, ot: bool = False) -> dict[str, float]:
     """How far an image tower has moved from the tower ``start`` it was fine-tuned from: the relative ℓ2 distance of
     all its weights, ‖θ − θ₀‖ / ‖θ₀‖, and the self-match share when OT (``fusion``) aligns it onto ``start``
     (:func:`rclip.methods.fusion.self_match_share`: 1 = every neuron still maps onto itself, so OT fusion with
-    another fine-tune of the same start would be plain averaging)."""
+    another fine-tune of the same start would be plain averaging). ``ot``: also return the Sinkhorn solves'
+    convergence (``"ot"``: :meth:`rclip.ot.ConvergenceTally.summary`)."""
     state = visual_state(tower)
     num = sum(float((state[k].float() - v.float()).pow(2).sum()) for k, v in start.items())
     den = sum(float(v.float().pow(2).sum()) for v in start.values())
     res = fuse_visual([start, state], cfg=fusion, heads=heads)
-    return {"weight_distance": float(np.sqrt(num / den)), "self_match": self_match_share(res)}
+    out = {"weight_distance": float(np.sqrt(num / den)), "self_match": self_match_share(res)}
+    return {**out, "ot": res.ot} if ot else out
 
 
 def perturbation_curve(base, sizes: Sequence[float], fusion: FusionConfig, *, seed: int = 0) -> list[dict]:
     """How far a tower must move from ``base``'s image tower before OT stops mapping its neurons onto the base's:
     for each relative size d of ``sizes``, every floating-point tensor v of the tower gets Gaussian noise of norm
-    about d·‖v‖ (``d * ‖v‖ / sqrt(numel) * N(0, 1)``, one generator seeded ``seed``) and :func:`drift` measures the
-    result against ``base``. Fine-tuning moves weights along directions that matter; random noise of the same size
-    is a move of that size in no particular direction. ``"converged"``: whether every Sinkhorn solve of that point
-    met its tolerance (at noise several times the weights' norm some stop at ``max_iter`` with marginal violations
-    of a few 1e-4, which moves the share by about as much). Returns ``[{"relative_size", "weight_distance",
-    "self_match", "converged"}]``."""
+    about d·‖v‖ (``d * ‖v‖ / sqrt(numel) * N(0, 1)``, drawn in float32 on the CPU from one generator seeded
+    ``seed``, then moved to v's device and dtype) and :func:`drift` measures the result against ``base``. Random
+    noise is a move of that size in no particular direction. ``"ot"``: the Sinkhorn solves' convergence (at noise
+    several times the weights' norm some stop at ``max_iter`` with marginal violations of a few 1e-4; their
+    warnings are silenced here and counted there). Returns ``[{"relative_size", "weight_distance", "self_match",
+    "ot"}]``."""
     if any(d < 0 for d in sizes):
         raise RClipError(f"perturbation sizes are relative norms >= 0, got {list(sizes)}")
     start = visual_state(base)
     g = torch.Generator().manual_seed(seed)
     out = []
     for d in sizes:
-        noisy = {k: (v + d * v.norm() / v.numel() ** 0.5 * torch.randn(v.shape, generator=g, dtype=v.dtype)
-                     if v.is_floating_point() else v) for k, v in start.items()}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.filterwarnings("always", message="sinkhorn did not converge", category=RuntimeWarning)
-            point = drift(start, base.with_visual(noisy), fusion, _heads(base))
-        for w in caught:                               # anything else is passed on
-            if "sinkhorn did not converge" not in str(w.message):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        converged = not any("sinkhorn did not converge" in str(w.message) for w in caught)
-        out.append({"relative_size": float(d), **point, "converged": converged})
+        noisy = {k: (v + (d * v.float().norm() / v.numel() ** 0.5 * torch.randn(v.shape, generator=g)
+                          ).to(v.device, v.dtype) if v.is_floating_point() else v) for k, v in start.items()}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="sinkhorn did not converge", category=RuntimeWarning)
+            point = drift(start, base.with_visual(noisy), fusion, _heads(base), ot=True)
+        out.append({"relative_size": float(d), **point})
     return out
 
 
