@@ -260,12 +260,16 @@ def test_study_trains_and_evaluates_each_configuration_once(study, monkeypatch):
         return ma2t_clip_(bundle, cfg, *args, **kw)
     monkeypatch.setattr(mm, "evaluate_attacks", spy_eval)
     monkeypatch.setattr(m, "ma2t_clip", spy_train)
+    texts_made, kl_text_attack = [], mm.kl_text_attack     # BERT-Attack's captions: once per model, gallery, source
+    monkeypatch.setattr(mm, "kl_text_attack", lambda b, caps, cfg: texts_made.append(
+        (id(b), tuple(caps), cfg.text.source)) or kl_text_attack(b, caps, cfg))
     table = study.attack_table()
     t1 = study.table1(study.table1_methods())
     study.table2(), study.table3(), study.figure3()
     sweep = study.schedule_sweep()
     rows = study.claims()
     assert len(evaluated) == len(set(evaluated)) and len(trained) == len(set(trained))
+    assert texts_made and len(texts_made) == len(set(texts_made))
     assert set(trained) == {"Fine-tune", "TeCoA", "MAT_Img", "MAT", "TeCoA (seed 1)", "MAT_Img (seed 1)",
                             "MAT (seed 1)", "MAT (4 pairs, 2 steps)", "MAT + I2T(Human) (4 pairs, 2 steps)",
                             "MAT_Img (2 steps)", "MAT (2 steps)",              # the schedule sweep's longer runs,

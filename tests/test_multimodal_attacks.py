@@ -97,6 +97,43 @@ def test_scaled_views_are_sga_image_set():
     assert x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("side,new_side,antialias", [(32, 16, True), (32, 24, True), (32, 40, False),
+                                                     (24, 32, False), (64, 96, False), (96, 64, False)])
+def test_bicubic_as_matrix_products_equals_interpolate(side, new_side, antialias):
+    """SGA's resizes as two 1-D resampling matrices: values and input gradients equal interpolate's."""
+    from rclip.attacks.multimodal import _bicubic
+
+    x = torch.rand(3, 3, side, side, generator=torch.Generator().manual_seed(side))
+    w = torch.randn(3, 3, new_side, new_side, generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for f in (lambda a: F.interpolate(a, size=(new_side, new_side), mode="bicubic", align_corners=False,
+                                      antialias=antialias),
+              lambda a: _bicubic(a, (new_side, new_side), antialias)):
+        a = x.clone().requires_grad_(True)
+        y = f(a)
+        outs.append(y.detach())
+        grads.append(torch.autograd.grad((y * w).sum(), a)[0])
+    assert outs[1].shape == outs[0].shape
+    assert torch.allclose(outs[1], outs[0], atol=1e-5) and torch.allclose(grads[1], grads[0], atol=1e-4)
+
+
+def test_sga_same_adversarial_outputs_as_the_interpolate_path(tiny, gallery, monkeypatch):
+    """SGA with the matrix resizes and the shared text memo against the path they replaced (interpolate, each text
+    pass on its own) on a fixed seed: the same captions, and the same images but for sign steps that flip where a
+    gradient is ~0 (a rounding difference of ~1e-7 can flip those)."""
+    import rclip.attacks.multimodal as mm
+
+    cfg = RetrievalAttackConfig(eps=EPS, steps=3)
+    x = gallery.image_tensor()
+    new_adv, new_caps = sga(tiny, x, gallery.captions, gallery.img2txt, cfg)
+    monkeypatch.setattr(mm, "_bicubic", lambda a, size, aa: F.interpolate(a, size=size, mode="bicubic",
+                                                                          align_corners=False, antialias=aa))
+    monkeypatch.setattr(mm, "text_attack", lambda *a, memo=None, **k: text_attack(*a, **k))
+    old_adv, old_caps = sga(tiny, x, gallery.captions, gallery.img2txt, cfg)
+    assert new_caps == old_caps
+    assert ((new_adv - old_adv).abs() > 1e-6).float().mean() < 1e-3
+
+
 def test_ascend_explicit_start_is_projected():
     x = torch.full((1, 3, 4, 4), 0.5)
     out = ascend(lambda a: a.sum() * 0, x, 0.1, steps=0, alpha=0.01, start=x + 1.0)
@@ -113,6 +150,21 @@ def test_evaluation_scores_the_full_gallery_and_shares_the_text_attack(tiny, gal
         assert r.recall["i2t_R@1"] == pytest.approx(100 * (r.i2t_ranks < 1).float().mean().item())
     with pytest.raises(RClipError, match="unknown retrieval attack"):
         evaluate_attacks(tiny, gallery, ["bert"], cfg)
+
+
+def test_text_captions_made_earlier_are_reused_not_remade(tiny, gallery, monkeypatch):
+    import rclip.attacks.multimodal as mm
+
+    cfg = RetrievalAttackConfig(eps=EPS, steps=2)
+    first = evaluate_attacks(tiny, gallery, ["co-attack"], cfg)["co-attack"]
+    monkeypatch.setattr(mm, "kl_text_attack", lambda *a, **k: pytest.fail("the text attack ran again"))
+    again = evaluate_attacks(tiny, gallery, ["text"], cfg, text_captions=first.captions)["text"]
+    assert again.captions == first.captions
+    monkeypatch.undo()
+    alone = evaluate_attacks(tiny, gallery, ["text"], cfg)["text"]
+    assert alone.captions == again.captions and torch.equal(alone.t2i_ranks, again.t2i_ranks)
+    with pytest.raises(RClipError, match="text_captions has 2 captions"):
+        evaluate_attacks(tiny, gallery, ["text"], cfg, text_captions=first.captions[:2])
 
 
 def test_attack_success_is_the_share_of_correct_queries_lost():

@@ -77,6 +77,33 @@ def test_guided_attack_picks_lowest_similarity_to_the_guide(tiny):
         assert float(embed(tiny, got) @ g[i]) <= float(embed(tiny, cap) @ g[i]) + 1e-6
 
 
+@pytest.mark.parametrize("budget", [1, 2])
+def test_memo_encodes_each_text_once_and_changes_nothing(tiny, monkeypatch, budget):
+    """SGA's two guided passes share a memo of encoded texts: the captions come out as without it (the brute force
+    above pins those), no text is encoded twice, and a pass that meets only known texts encodes nothing."""
+    import rclip.attacks.text as text_mod
+
+    cfg = TextAttackConfig(criterion="guide", budget=budget)
+    gen = torch.Generator().manual_seed(1)
+    g1, g2 = (F.normalize(torch.randn(len(CAPTIONS), tiny.meta["embed_dim"], generator=gen), dim=-1) for _ in "ab")
+    want = [text_attack(tiny, CAPTIONS, cfg, guide=g) for g in (g1, g2)]
+    ranked = text_mod.rank_words(tiny, CAPTIONS, cfg)
+    encoded, real = [], text_mod._embed
+    monkeypatch.setattr(text_mod, "_embed", lambda b, texts, bs: encoded.extend(texts) or real(b, texts, bs))
+    memo = {}
+    assert text_attack(tiny, CAPTIONS, cfg, guide=g1, ranked=ranked, memo=memo) == want[0]
+    n1 = len(encoded)
+    assert text_attack(tiny, CAPTIONS, cfg, guide=g2, ranked=ranked, memo=memo) == want[1]
+    n = len(encoded)
+    assert n1 and len(encoded) == len(set(encoded))                   # nothing encoded twice, across both passes
+    assert not set(encoded) & set(CAPTIONS)                           # the captions' embeddings are the ranking's
+    assert text_attack(tiny, CAPTIONS, cfg, guide=g1, ranked=ranked, memo=memo) == want[0]
+    assert len(encoded) == n                                          # every text known: no new encodes
+    text_attack(tiny, CAPTIONS, cfg, guide=g2, ranked=ranked)         # the second pass alone, no shared memo:
+    alone = encoded[n:]
+    assert set(alone) <= set(encoded[:n]) and len(alone) > n - n1     # the shared memo held all it needs and saved
+
+
 @pytest.mark.parametrize("budget", [1, 2, 3])
 def test_budget_and_stopwords(tiny, budget):
     adv = text_attack(tiny, CAPTIONS, TextAttackConfig(budget=budget))

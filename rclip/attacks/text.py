@@ -335,6 +335,19 @@ def _embed(bundle, texts: list[str], batch_size: int) -> torch.Tensor:
     return out
 
 
+def _embed_memo(bundle, texts: list[str], batch_size: int, memo: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`_embed` of ``texts`` (N, D), encoding only the distinct texts not yet in ``memo`` (which it extends)."""
+    from rclip.attacks.image import fp32_eval
+
+    new = [t for t in dict.fromkeys(texts) if t not in memo]
+    if new:
+        with fp32_eval(bundle.model):
+            memo.update(zip(new, _embed(bundle, new, batch_size)))
+    if not texts:
+        return torch.zeros(0, bundle.meta["embed_dim"], device=bundle.device)
+    return torch.stack([memo[t] for t in texts])
+
+
 def _score(criterion: str, reference: torch.Tensor, guide: torch.Tensor | None, emb: torch.Tensor) -> torch.Tensor:
     """The attacker's objective (higher is better) of each row of ``emb`` against its row of reference / guide."""
     if criterion == "kl":
@@ -373,7 +386,8 @@ def word_importance(bundle, captions: Sequence[str], mask: str = "[UNK]", batch_
 
 def text_attack(bundle, captions: Sequence[str], cfg: TextAttackConfig | None = None, *,
                 guide: torch.Tensor | None = None, source: SubstituteSource | None = None,
-                ranked: tuple[torch.Tensor, list[torch.Tensor]] | None = None) -> list[str]:
+                ranked: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+                memo: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Adversarial captions by word substitution (see the module docstring).
 
     Args:
@@ -385,10 +399,12 @@ def text_attack(bundle, captions: Sequence[str], cfg: TextAttackConfig | None = 
         ranked: the captions' embeddings and word importances when already computed (:func:`rank_words` of the
             same model, captions and ``cfg``); they depend on neither the criterion nor the guide, so SGA's two
             guided passes share one.
+        memo: text -> embedding of texts this model has already encoded, read and extended here; a text is encoded
+            once whatever its round or pass. Always seeded with the captions themselves (their embeddings are the
+            reference), so the caption as it stands is not encoded again each round; SGA shares one between its two
+            guided passes, whose candidate captions mostly coincide (only the guide, hence the choice, differs).
     Returns: N adversarial captions; a caption with no substitutable word comes back unchanged.
     """
-    from rclip.attacks.image import fp32_eval
-
     cfg = cfg or TextAttackConfig()
     if cfg.criterion not in CRITERIA:
         raise RClipError(f"unknown text attack criterion {cfg.criterion!r}; choose one of {CRITERIA}")
@@ -407,6 +423,9 @@ def text_attack(bundle, captions: Sequence[str], cfg: TextAttackConfig | None = 
     cores = [[p[1] for p in ps] for ps in parts]
     candidates = source(cores, cfg.top_k)
     reference, importance = ranked if ranked is not None else rank_words(bundle, captions, cfg)
+    memo = {} if memo is None else memo
+    for c, e in zip(captions, reference):
+        memo.setdefault(c, e)
 
     def eligible(i: int, j: int) -> list[str]:
         core = cores[i][j].lower()
@@ -432,8 +451,7 @@ def text_attack(bundle, captions: Sequence[str], cfg: TextAttackConfig | None = 
             for opt in options:
                 texts.append(" ".join(current[i][:j] + [opt] + current[i][j + 1:]))
                 owners.append(i)
-        with fp32_eval(bundle.model):
-            emb = _embed(bundle, texts, cfg.batch_size)
+        emb = _embed_memo(bundle, texts, cfg.batch_size, memo)
         idx = torch.tensor(owners, device=emb.device)
         scores = _score(cfg.criterion, reference[idx], None if guide is None else guide[idx], emb).cpu()
         for i, j, options, start in spans:

@@ -659,7 +659,10 @@ class RetrievalStudy:
         todo = [a for a in attacks if keys[a] not in self._evals]
         if todo:
             rset = self.gallery(split)
-            got = evaluate_attacks(self.model(cfg), rset, todo, self.attack_cfg(eps, source), ks=(1,))
+            made = [ev.captions for k, ev in self._evals.items()       # BERT-Attack's captions ignore the image
+                    if k[:2] == keys[todo[0]][:2] and k[3:] in ((source, "text"), (source, "co-attack"))]  # budget
+            got = evaluate_attacks(self.model(cfg), rset, todo, self.attack_cfg(eps, source), ks=(1,),
+                                   text_captions=made[0] if made else None)
             for a, r in got.items():
                 self._evals[keys[a]] = Evaluation(a, r.i2t_ranks, r.t2i_ranks, [list(c) for c in rset.img2txt],
                                                   r.captions)
