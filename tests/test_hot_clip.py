@@ -354,3 +354,36 @@ def test_perturbation_curve_moves_the_tower_by_the_size_asked(tiny):
     with pytest.raises(RClipError, match="relative norms"):
         perturbation_curve(tiny, [-1], FusionConfig("soft"))
 
+
+
+def test_best_submodel_is_the_most_robust_on_the_tasks_given(tiny, monkeypatch):
+    import rclip.chapter as chapter
+
+    pipe = _pipeline(tiny, attacks=("pgd",), n_templates=2)
+    tasks = {"shape": object()}
+    calls = []
+
+    def fake_scores(bundles, tasks_, budgets, *, n, steps, seed):       # PGD / t1 the more robust, t0 the cleaner
+        calls.append((sorted(bundles), tasks_, budgets, n, steps, seed))
+        s = Scores({"shape": 4})
+        for name, (clean, adv) in {"PGD / t0": (90, 40), "PGD / t1": (80, 60)}.items():
+            s.add_all(name, {"shape": {"clean": np.arange(100) < clean, "PGD 4/255": np.arange(100) < adv}})
+        return s
+    monkeypatch.setattr(chapter, "attacked_scores", fake_scores)
+    pick = pipe.best_submodel(tasks, {"4/255": 4 / 255}, n=100, steps=3, seed=1)
+    assert calls == [(["PGD / t0", "PGD / t1"], tasks, {"4/255": 4 / 255}, 100, 3, 1)]
+    assert pick["name"] == "PGD / t1" and pick["n_ranked"] == 2 and pick["condition"] == "PGD 4/255"
+    t1 = pipe.templates_for("pgd")[1]
+    want = visual_state(pipe.bundle(pipe.submodel("pgd", t1)))
+    assert all(torch.equal(v, want[k]) for k, v in visual_state(pick["bundle"]).items())
+    assert list(pick["means"].index) == ["PGD / t0", "PGD / t1"]
+    def at_chance(bundles, *a, **kw):                                       # both at 4 classes' chance: 25 %
+        s = Scores({"shape": 4})
+        for name in bundles:
+            s.add_all(name, {"shape": {"clean": np.arange(100) < 25, "PGD 4/255": np.arange(100) < 20}})
+        return s
+    monkeypatch.setattr(chapter, "attacked_scores", at_chance)
+    none = pipe.best_submodel(tasks, {"4/255": 4 / 255}, n=100, steps=3, seed=1)
+    assert none["name"] is None and none["bundle"] is None and none["n_ranked"] == 0
+    with pytest.raises(RClipError, match="one budget"):
+        pipe.best_submodel(tasks, {"2/255": 2 / 255, "4/255": 4 / 255}, n=1, steps=1, seed=0)

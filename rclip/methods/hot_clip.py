@@ -326,6 +326,32 @@ class HotClip:
             self.submodel(a, t)          # released at once: only the cache file stays
         return pairs
 
+    def submodel_name(self, attack: str, template: str) -> str:
+        """``"PGD / t1"``: the attack and the template's place in :meth:`templates_for` (t0 the standard one)."""
+        return f"{attack.upper()} / t{self.templates_for(attack).index(template)}"
+
+    def best_submodel(self, tasks: dict, budget: dict[str, float], *, n: int, steps: int, seed: int) -> dict:
+        """The pool's most robust single submodel, chosen before any test image is attacked: every submodel of
+        :meth:`pool` attacked against itself with PGD-``steps`` (step ε/4, random start) at ``budget`` (one label ->
+        ε) on the first ``n`` images of each of ``tasks`` (the world's validation split;
+        :func:`rclip.chapter.attacked_scores`), ranked by its mean top-1 under that attack over the tasks on which
+        it is above chance (ties: the pool's order). For the claim that fusing beats one adversarial fine-tune.
+
+        Returns ``{"name", "bundle", "condition", "means", "n_ranked"}`` (``means``: every submodel's row, the
+        ranking; ``n_ranked``: the submodels above chance on some task; name and bundle None when there is none)."""
+        from rclip.chapter import attacked_scores
+
+        if len(budget) != 1:
+            raise RClipError(f"best_submodel ranks at one budget; got {sorted(budget)}")
+        named = {self.submodel_name(a, t): (a, t) for a, t in self.pool()}
+        bundles = {name: self.bundle(self.submodel(a, t)) for name, (a, t) in named.items()}
+        means = attacked_scores(bundles, tasks, budget, n=n, steps=steps, seed=seed).means()
+        condition = f"PGD {next(iter(budget))}"
+        ranked = means[condition].dropna()
+        name = str(ranked.index[int(np.argmax(ranked.to_numpy()))]) if len(ranked) else None
+        return {"name": name, "bundle": bundles.get(name), "condition": condition, "means": means,
+                "n_ranked": len(ranked)}
+
     def _fuse(self, towers: list[Tower], what: str, cfg: FusionConfig | None = None):
         start = time.perf_counter()
         res = fuse_visual(towers, cfg=cfg or self.cfg.fusion, heads=_heads(self.base))
