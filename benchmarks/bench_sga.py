@@ -105,7 +105,7 @@ def main(argv=None):
 
     # (d) SGA's resizes as matrix products vs F.interpolate: forward + input gradient of the four rescaled views
     x = images[:min(n, args.image_batch)]
-    sizes = [(max(1, int(r * x.shape[-1])),) * 2 for r in cfg.scales]
+    sizes = [(max(1, int(r * x.shape[-2])), max(1, int(r * x.shape[-1]))) for r in cfg.scales]
 
     def views(resize):
         a = x.clone().requires_grad_(True)

@@ -355,35 +355,41 @@ def test_perturbation_curve_moves_the_tower_by_the_size_asked(tiny):
         perturbation_curve(tiny, [-1], FusionConfig("soft"))
 
 
-
-def test_best_submodel_is_the_most_robust_on_the_tasks_given(tiny, monkeypatch):
+def test_best_submodel_is_the_most_robust_on_the_tasks_all_are_above_chance_on(tiny, monkeypatch):
     import rclip.chapter as chapter
 
     pipe = _pipeline(tiny, attacks=("pgd",), n_templates=2)
-    tasks = {"shape": object()}
+    tasks = {"shape": object(), "count": object()}
     calls = []
 
-    def fake_scores(bundles, tasks_, budgets, *, n, steps, seed):       # PGD / t1 the more robust, t0 the cleaner
-        calls.append((sorted(bundles), tasks_, budgets, n, steps, seed))
-        s = Scores({"shape": 4})
-        for name, (clean, adv) in {"PGD / t0": (90, 40), "PGD / t1": (80, 60)}.items():
-            s.add_all(name, {"shape": {"clean": np.arange(100) < clean, "PGD 4/255": np.arange(100) < adv}})
-        return s
-    monkeypatch.setattr(chapter, "attacked_scores", fake_scores)
+    def scored(table):
+        def fake_scores(bundles, tasks_, budgets, *, n, steps, seed):
+            calls.append((sorted(bundles), tasks_, budgets, n, steps, seed))
+            s = Scores({"shape": 4, "count": 4})
+            for name, per_task in table.items():
+                s.add_all(name, {t: {"clean": np.arange(100) < c, "PGD 4/255": np.arange(100) < a}
+                                 for t, (c, a) in per_task.items()})
+            return s
+        return fake_scores
+    # t1 the more robust on shape; t0 alone at chance on count (25 % clean), where t1 is weak: on its own mean t0
+    # (shape only, 50) would beat t1 (shape and count, (60 + 10) / 2 = 35) - ranked on shape alone, t1 wins
+    monkeypatch.setattr(chapter, "attacked_scores", scored({"PGD / t0": {"shape": (90, 50), "count": (25, 70)},
+                                                            "PGD / t1": {"shape": (80, 60), "count": (60, 10)}}))
     pick = pipe.best_submodel(tasks, {"4/255": 4 / 255}, n=100, steps=3, seed=1)
     assert calls == [(["PGD / t0", "PGD / t1"], tasks, {"4/255": 4 / 255}, 100, 3, 1)]
-    assert pick["name"] == "PGD / t1" and pick["n_ranked"] == 2 and pick["condition"] == "PGD 4/255"
+    assert pick["means"].loc["PGD / t0", "PGD 4/255"] > pick["means"].loc["PGD / t1", "PGD 4/255"]
+    assert pick["name"] == "PGD / t1" and pick["tasks"] == ["shape"] and pick["condition"] == "PGD 4/255"
+    assert list(pick["means"].iloc[:, -1]) == [50.0, 60.0]                     # the ranking's column
     t1 = pipe.templates_for("pgd")[1]
     want = visual_state(pipe.bundle(pipe.submodel("pgd", t1)))
     assert all(torch.equal(v, want[k]) for k, v in visual_state(pick["bundle"]).items())
-    assert list(pick["means"].index) == ["PGD / t0", "PGD / t1"]
-    def at_chance(bundles, *a, **kw):                                       # both at 4 classes' chance: 25 %
-        s = Scores({"shape": 4})
-        for name in bundles:
-            s.add_all(name, {"shape": {"clean": np.arange(100) < 25, "PGD 4/255": np.arange(100) < 20}})
-        return s
-    monkeypatch.setattr(chapter, "attacked_scores", at_chance)
+    # ties keep the pool's order; no task on which all are above chance: nothing chosen
+    monkeypatch.setattr(chapter, "attacked_scores", scored({m: {"shape": (80, 60), "count": (25, 20)}
+                                                            for m in ("PGD / t0", "PGD / t1")}))
+    assert pipe.best_submodel(tasks, {"4/255": 4 / 255}, n=100, steps=3, seed=1)["name"] == "PGD / t0"
+    monkeypatch.setattr(chapter, "attacked_scores", scored({"PGD / t0": {"shape": (25, 20), "count": (80, 60)},
+                                                            "PGD / t1": {"shape": (80, 60), "count": (25, 20)}}))
     none = pipe.best_submodel(tasks, {"4/255": 4 / 255}, n=100, steps=3, seed=1)
-    assert none["name"] is None and none["bundle"] is None and none["n_ranked"] == 0
+    assert none["name"] is None and none["bundle"] is None and none["tasks"] == []
     with pytest.raises(RClipError, match="one budget"):
         pipe.best_submodel(tasks, {"2/255": 2 / 255, "4/255": 4 / 255}, n=1, steps=1, seed=0)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from rclip import world
 from rclip.attacks import (RetrievalAttackConfig, attack_success, co_attack, evaluate_attacks, pgd_retrieval,
                            scaled_views, sga, text_attack)
-from rclip.attacks.image import ascend
+from rclip.attacks.image import ascend, fp32_eval
 from rclip.attacks.text import TextAttackConfig
 from rclip.errors import RClipError
 
@@ -97,38 +97,44 @@ def test_scaled_views_are_sga_image_set():
     assert x.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("side,new_side,antialias", [(32, 16, True), (32, 24, True), (32, 40, False),
-                                                     (24, 32, False), (64, 96, False), (96, 64, False)])
-def test_bicubic_as_matrix_products_equals_interpolate(side, new_side, antialias):
-    """SGA's resizes as two 1-D resampling matrices: values and input gradients equal interpolate's."""
+@pytest.mark.parametrize("shape,size,antialias", [((32, 32), (16, 16), True), ((32, 32), (24, 24), True),
+                                                  ((32, 32), (40, 40), False), ((24, 24), (32, 32), False),
+                                                  ((64, 64), (96, 96), False), ((96, 96), (64, 64), False),
+                                                  ((24, 40), (12, 50), True), ((24, 40), (30, 20), False)])
+def test_bicubic_as_matrix_products_equals_interpolate(shape, size, antialias):
+    """SGA's resizes as two 1-D resampling matrices: values and input gradients equal interpolate's, non-square
+    images included (rows and columns resampled each by their own matrix)."""
     from rclip.attacks.multimodal import _bicubic
 
-    x = torch.rand(3, 3, side, side, generator=torch.Generator().manual_seed(side))
-    w = torch.randn(3, 3, new_side, new_side, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(2, 3, *shape, generator=torch.Generator().manual_seed(shape[1]))
+    w = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
     outs, grads = [], []
-    for f in (lambda a: F.interpolate(a, size=(new_side, new_side), mode="bicubic", align_corners=False,
-                                      antialias=antialias),
-              lambda a: _bicubic(a, (new_side, new_side), antialias)):
+    for f in (lambda a: F.interpolate(a, size=size, mode="bicubic", align_corners=False, antialias=antialias),
+              lambda a: _bicubic(a, size, antialias)):
         a = x.clone().requires_grad_(True)
         y = f(a)
         outs.append(y.detach())
         grads.append(torch.autograd.grad((y * w).sum(), a)[0])
-    assert outs[1].shape == outs[0].shape
+    assert outs[1].shape == outs[0].shape == (2, 3, *size)
     assert torch.allclose(outs[1], outs[0], atol=1e-5) and torch.allclose(grads[1], grads[0], atol=1e-4)
 
 
 def test_sga_same_adversarial_outputs_as_the_interpolate_path(tiny, gallery, monkeypatch):
-    """SGA with the matrix resizes and the shared text memo against the path they replaced (interpolate, each text
-    pass on its own) on a fixed seed: the same captions, and the same images but for sign steps that flip where a
-    gradient is ~0 (a rounding difference of ~1e-7 can flip those)."""
+    """SGA with the matrix resizes and the memo of encoded texts against the path they replaced (interpolate; every
+    candidate text encoded in its round, the caption as it stands included) on a fixed seed: the same captions, and
+    the same images but for sign steps that flip where a gradient is ~0 (a rounding difference of ~1e-7 can)."""
     import rclip.attacks.multimodal as mm
+    import rclip.attacks.text as text_mod
 
     cfg = RetrievalAttackConfig(eps=EPS, steps=3)
     x = gallery.image_tensor()
     new_adv, new_caps = sga(tiny, x, gallery.captions, gallery.img2txt, cfg)
     monkeypatch.setattr(mm, "_bicubic", lambda a, size, aa: F.interpolate(a, size=size, mode="bicubic",
                                                                           align_corners=False, antialias=aa))
-    monkeypatch.setattr(mm, "text_attack", lambda *a, memo=None, **k: text_attack(*a, **k))
+    def every_text_encoded(b, texts, bs, memo):           # the replaced path: no memo, each round's texts encoded
+        with fp32_eval(b.model):
+            return text_mod._embed(b, texts, bs)
+    monkeypatch.setattr(text_mod, "_embed_memo", every_text_encoded)
     old_adv, old_caps = sga(tiny, x, gallery.captions, gallery.img2txt, cfg)
     assert new_caps == old_caps
     assert ((new_adv - old_adv).abs() > 1e-6).float().mean() < 1e-3

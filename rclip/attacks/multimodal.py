@@ -76,20 +76,23 @@ def _owner_matrix(img2txt: Sequence[Sequence[int]], n_txt: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _bicubic_matrix(n_in: int, n_out: int, antialias: bool) -> torch.Tensor:
-    """(n_out, n_in) float64: the 1-D resampling ``F.interpolate(mode="bicubic", align_corners=False)`` applies along
-    one side of an image (its weights and border handling, read off by resizing each basis vector)."""
-    basis = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, n_in, 1).expand(n_in, 1, n_in, 8).contiguous()
-    out = F.interpolate(basis, size=(n_out, 8), mode="bicubic", align_corners=False, antialias=antialias)
-    return out[..., 0].reshape(n_in, n_out).T.contiguous()
+def _bicubic_matrix(n_in: int, n_out: int, antialias: bool, device: torch.device, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    """(n_out, n_in): the 1-D resampling ``F.interpolate(mode="bicubic", align_corners=False)`` applies along one side
+    of an image (its weights and border handling, read off in float64 by resizing each basis vector), on ``device``
+    in ``dtype``. Built outside inference mode, so that autograd may save it; callers never write to it."""
+    with torch.inference_mode(False), torch.no_grad():
+        basis = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, n_in, 1).expand(n_in, 1, n_in, 8).contiguous()
+        out = F.interpolate(basis, size=(n_out, 8), mode="bicubic", align_corners=False, antialias=antialias)
+        return out[..., 0].reshape(n_in, n_out).T.to(device, dtype).contiguous()
 
 
 def _bicubic(x: torch.Tensor, size: tuple[int, int], antialias: bool) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bicubic", align_corners=False, antialias=antialias)`` as the two 1-D resamplings
     it is made of, one matrix product per side (equal up to float rounding, ~1e-6): on the CPU its backward is a
     matrix product too, several times faster than interpolate's (SGA runs it on every view of every step)."""
-    rows = _bicubic_matrix(x.shape[-2], size[0], antialias).to(x.device, x.dtype)
-    cols = _bicubic_matrix(x.shape[-1], size[1], antialias).to(x.device, x.dtype)
+    rows = _bicubic_matrix(x.shape[-2], size[0], antialias, x.device, x.dtype)
+    cols = _bicubic_matrix(x.shape[-1], size[1], antialias, x.device, x.dtype)
     return rows @ x @ cols.T
 
 

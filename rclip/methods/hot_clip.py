@@ -334,23 +334,27 @@ class HotClip:
         """The pool's most robust single submodel, chosen before any test image is attacked: every submodel of
         :meth:`pool` attacked against itself with PGD-``steps`` (step ε/4, random start) at ``budget`` (one label ->
         ε) on the first ``n`` images of each of ``tasks`` (the world's validation split;
-        :func:`rclip.chapter.attacked_scores`), ranked by its mean top-1 under that attack over the tasks on which
-        it is above chance (ties: the pool's order). For the claim that fusing beats one adversarial fine-tune.
+        :func:`rclip.chapter.attacked_scores`), ranked by its top-1 under that attack pooled over the tasks on which
+        *every* submodel is above chance (so that none is ranked on an easier set of tasks; ties: the pool's
+        order). For the claim that fusing beats one adversarial fine-tune.
 
-        Returns ``{"name", "bundle", "condition", "means", "n_ranked"}`` (``means``: every submodel's row, the
-        ranking; ``n_ranked``: the submodels above chance on some task; name and bundle None when there is none)."""
+        Returns ``{"name", "bundle", "condition", "tasks", "means"}``: ``tasks`` those ranked on; ``means`` every
+        submodel's mean top-1 per condition with the ranking's column; name and bundle None when no task is left."""
         from rclip.chapter import attacked_scores
 
         if len(budget) != 1:
             raise RClipError(f"best_submodel ranks at one budget; got {sorted(budget)}")
         named = {self.submodel_name(a, t): (a, t) for a, t in self.pool()}
         bundles = {name: self.bundle(self.submodel(a, t)) for name, (a, t) in named.items()}
-        means = attacked_scores(bundles, tasks, budget, n=n, steps=steps, seed=seed).means()
+        scores = attacked_scores(bundles, tasks, budget, n=n, steps=steps, seed=seed)
         condition = f"PGD {next(iter(budget))}"
-        ranked = means[condition].dropna()
-        name = str(ranked.index[int(np.argmax(ranked.to_numpy()))]) if len(ranked) else None
-        return {"name": name, "bundle": bundles.get(name), "condition": condition, "means": means,
-                "n_ranked": len(ranked)}
+        common = scores.tasks_above_chance(*bundles)
+        ranking = {m: float(scores.items(m, condition, common).mean()) for m in bundles} if common else {}
+        name = max(ranking, key=ranking.get) if ranking else None          # max keeps the first of equals
+        means = scores.means()
+        means[f"{condition}, pooled over {', '.join(common) or 'no task'} (the ranking)"] = \
+            [ranking.get(m, float("nan")) for m in means.index]
+        return {"name": name, "bundle": bundles.get(name), "condition": condition, "tasks": common, "means": means}
 
     def _fuse(self, towers: list[Tower], what: str, cfg: FusionConfig | None = None):
         start = time.perf_counter()
