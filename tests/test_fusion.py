@@ -263,3 +263,71 @@ def test_fusion_benchmark_runs_and_checks_itself(tmp_path):
     assert jobs["pair-hard"]["permutations_recovered"] and all(j["agree"] for j in jobs.values())
     assert all(j["ours_s"] > 0 and j["pot_s"] > 0 and j["plan_problems"] > 0 and j["runs"] == 1 for j in jobs.values())
     assert jobs["pair-hard"]["sinkhorn_max_iter"] == 0 and jobs["pair-soft"]["sinkhorn_max_iter"] >= 1
+
+
+def test_head_pair_costs_are_each_pairs_own_cost():
+    """The (K, H, H, dh, dh) head-pair costs cut from one d x d product equal each pair's cost computed on its own."""
+    from rclip.methods.fusion import _head_pair_costs
+
+    g = torch.Generator().manual_seed(3)
+    x, xa = torch.randn(2, 48, 29, generator=g), torch.randn(48, 29, generator=g)
+    out = _head_pair_costs(x, xa, heads=4)
+    assert out.shape == (2, 4, 4, 12, 12) and out.is_contiguous()
+    for k in range(2):
+        for h in range(4):
+            for a in range(4):
+                ref = neuron_cost(x[k:k + 1, 12 * h:12 * (h + 1)], xa[12 * a:12 * (a + 1)])[0]
+                torch.testing.assert_close(out[k, h, a], ref, rtol=0, atol=1e-6)
+
+
+def test_maps_one_hot_to_float32_rounding_are_applied_by_gathering():
+    """A map acts as a permutation (gathered, not multiplied) when every column's largest entry is within
+    ONE_HOT_ULPS units of float32 rounding of 1 and the rest of its mass within as many; then gathering differs from
+    the product by at most 2 * ONE_HOT_ULPS * eps * max|x|. Softer maps, maps with an empty column and maps whose
+    columns share a row are multiplied."""
+    from rclip.methods.fusion import ONE_HOT_ULPS, _one_hot_columns, cols, rows
+
+    eps, n = torch.finfo(torch.float32).eps, 96
+    g = torch.Generator().manual_seed(4)
+    src = torch.stack([torch.randperm(n, generator=g) for _ in range(2)])          # column j's row, per model
+    hard = torch.zeros(2, n, n).scatter_(1, src[:, None, :], 1.0)
+
+    def soft(off):                  # column mass 1: 1 - off on the row, off spread over the other rows
+        return hard * (1 - off) + (1 - hard) * off / (n - 1)
+
+    x = torch.randn(2, n, 7, generator=g)
+    bound = 2 * ONE_HOT_ULPS * eps * x.abs().max() + 4 * eps * x.abs().max()          # the bound + product rounding
+    for r, expect in ((hard, True), (soft(2 * eps), True), (soft(3 * ONE_HOT_ULPS * eps), False)):
+        r = r.clone()
+        found = _one_hot_columns(r)
+        assert (found is not None) == expect
+        if expect:
+            assert torch.equal(found, src) and _one_hot_columns(r) is found            # the answer is kept
+            assert (rows(r, x) - r.mT @ x).abs().max() <= bound
+            assert (cols(x.mT, r) - x.mT @ r).abs().max() <= bound
+    empty = hard.clone()
+    empty[:, :, 0] = 0                                                                 # a column with no mass
+    shared = hard.clone()
+    shared[:, :, 1] = shared[:, :, 0]                                                  # two columns on one row
+    for r in (empty, shared):
+        assert _one_hot_columns(r) is None
+        torch.testing.assert_close(rows(r, x), r.mT @ x, rtol=0, atol=0)
+
+
+def test_assignments_run_in_threads_give_the_sequential_assignments():
+    from scipy.optimize import linear_sum_assignment
+
+    from rclip.methods.fusion import _assignment_plans, _in_threads
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parts = _in_threads(lambda p: [len(p)], np.arange(300))
+        assert [int(p[0]) for p in parts] == [150, 150]                                 # one part per thread
+        cost = torch.rand(300, 12, 12, generator=torch.Generator().manual_seed(5))
+        plans = _assignment_plans(cost)
+    finally:
+        torch.set_num_threads(threads)
+    for c, p in zip(cost, plans):
+        assert torch.equal(p.argmax(-1), torch.as_tensor(linear_sum_assignment(c.double().numpy())[1]))
+        assert torch.equal(p.sum(-1), torch.full((12,), 1 / 12))

@@ -334,3 +334,58 @@ def test_kernel_domain_refuses_an_underflowing_kernel_and_auto_falls_back(monkey
     used.clear()
     sinkhorn(cost, reg=0.1, domain="auto")
     assert used == ["_iterate_kernel"]
+
+
+@pytest.mark.parametrize("domain", ["log", "kernel"])
+def test_plan_without_a_gradient_is_the_tracked_plan_to_the_bit(monkeypatch, domain):
+    """With nothing to differentiate, the log-sum-exps run in one scratch buffer and the plan is written over
+    -C / reg a block of rows at a time (fusion's 3 072 x 3 072 plans): the same plan, error, iterations and values,
+    to the bit, as the path autograd takes (torch.logsumexp, then exp(α ⊕ β - C / reg) at full size). Zero-weight
+    rows included; several row blocks per problem."""
+    import rclip.ot as rot
+
+    rng = np.random.default_rng(9)
+    cost, a, b = _problems(rng, (3, 2), 40, 33, uniform=False, scale=2.0)
+    a[1, 0, :4] = 0
+    a /= a.sum(-1, keepdims=True)
+    monkeypatch.setattr(rot, "CPU_CHUNK_ENTRIES", 200)
+    for dtype in (torch.float32, torch.float64):
+        c, wa, wb = (_t(x).to(dtype) for x in (cost, a, b))
+        plain = sinkhorn(c, wa, wb, reg=0.1, return_plan=True, domain=domain)
+        tracked = sinkhorn(c.clone().requires_grad_(True), wa, wb, reg=0.1, return_plan=True, domain=domain)
+        assert plain.plan.grad_fn is None and tracked.plan.grad_fn is not None
+        assert torch.equal(plain.plan, tracked.plan.detach()) and plain.n_iter == tracked.n_iter
+        for field in ("cost", "entropic", "error", "converged"):
+            assert torch.equal(getattr(plain, field), getattr(tracked, field).detach()), (dtype, field)
+        assert (plain.plan[1, 0, :4] == 0).all()
+    if domain == "log":              # grad="unrolled" iterates with torch.logsumexp itself: the same iterates
+        c = _t(cost).float().requires_grad_(True)
+        unrolled = sinkhorn(c, _t(a).float(), _t(b).float(), reg=0.1, return_plan=True, grad="unrolled")
+        plain = sinkhorn(c.detach(), _t(a).float(), _t(b).float(), reg=0.1, return_plan=True)
+        assert torch.equal(unrolled.plan.detach(), plain.plan) and unrolled.n_iter == plain.n_iter
+
+
+def test_shifted_logsumexp_is_torchs_to_the_bit():
+    from rclip.ot import _logsumexp_shifted
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 70, generator=g) * 20
+    for dim, shift in ((-2, torch.randn(3, 50, 1, generator=g) * 5), (-1, torch.randn(3, 1, 70, generator=g))):
+        shift[0, :3] = -math.inf                       # rows or columns of zero weight
+        x[2, :, :3] = -math.inf                        # and a block that is -inf throughout
+        out = _logsumexp_shifted(x, shift, dim, torch.empty_like(x))
+        assert torch.equal(out, torch.logsumexp(x + shift, dim)), dim
+
+
+def test_marginals_of_a_large_plan_are_summed_in_blocks_in_float64(monkeypatch):
+    """A plan above CPU_CHUNK_ENTRIES is summed a block of rows at a time (no float64 copy of the whole plan):
+    rows to the bit of the whole-plan float64 sums, columns to float64 rounding."""
+    import rclip.ot as rot
+
+    plan = torch.rand(2, 300, 170, generator=torch.Generator().manual_seed(1)) ** 6 / 170
+    whole = plan.double()
+    monkeypatch.setattr(rot, "CPU_CHUNK_ENTRIES", 1000)          # blocks of 5 rows
+    rows, cols = rot._marginals(plan)
+    assert rows.dtype == cols.dtype == torch.float64
+    assert torch.equal(rows, whole.sum(-1))
+    torch.testing.assert_close(cols, whole.sum(-2), rtol=1e-14, atol=0)
