@@ -21,7 +21,9 @@ solves the entropic problem with τ = ``reg`` by log-domain Sinkhorn (:func:`rcl
 actual mass (which stays right when Sinkhorn stops before convergence), so each anchor neuron receives a convex
 combination of the model's neurons; for a permutation R is the 0/1 permutation matrix. A weight W (out × in) is
 aligned as Rₒᵤₜᵀ W Rᵢₙ, a bias or LayerNorm vector as Rᵀ b. All models other than the anchor are aligned at once:
-one batched problem per layer.
+one batched problem per layer. A map whose every column is one-hot to within a few float32 roundings (every hard
+map; soft maps between closely related towers, whose other entries together carry ~1e-7 of a column's mass) is
+applied by gathering rows instead of a matrix product (:data:`ONE_HOT_ULPS` bounds the difference).
 
 **How maps flow through the ViT** (``residual="shared"``, the default)::
 

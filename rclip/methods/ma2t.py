@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -391,6 +392,16 @@ def _clear_of_zero(record: dict) -> float:
     return lo if lo > 0 else (-hi if hi < 0 else 0.0)
 
 
+class _EvalKey(NamedTuple):
+    """Which evaluation a :class:`RetrievalStudy` holds: the model's name, the gallery, the image budget in /255 (None
+    for attacks that ignore it), the text attack's substitutes (None for attacks without one) and the attack."""
+    model: str
+    split: str
+    eps: float | None
+    source: str | None
+    attack: str
+
+
 class RetrievalStudy:
     """The chapter's experiments on one test gallery: each configuration trained once (:func:`ma2t_clip`, cached on
     disk), each (model, split, budget, text source, attack) evaluated once (kept here), so that every table, figure
@@ -612,9 +623,10 @@ class RetrievalStudy:
             self.logs[name] = {**train_summary(log), "pairs": log.get("train_pairs")}
         return self.trained[name]
 
-    def _key(self, cfg, split, eps, source, attack):
+    def _key(self, cfg, split, eps, source, attack) -> _EvalKey:
         eps_key = None if attack in ("clean", "text") else round(eps * 255, 6)     # these ignore the image budget
-        return self.name(cfg), split, eps_key, source if attack in ("text", "co-attack", "sga") else None, attack
+        return _EvalKey(self.name(cfg), split, eps_key, source if attack in ("text", "co-attack", "sga") else None,
+                        attack)
 
     def gallery(self, split: str):
         """The gallery named ``split``: ``"test"``, ``"train"`` (Table 2's training images), ``"val"`` or
@@ -659,8 +671,9 @@ class RetrievalStudy:
         todo = [a for a in attacks if keys[a] not in self._evals]
         if todo:
             rset = self.gallery(split)
-            made = [ev.captions for k, ev in self._evals.items()       # BERT-Attack's captions ignore the image
-                    if k[:2] == keys[todo[0]][:2] and k[3:] in ((source, "text"), (source, "co-attack"))]  # budget
+            first = keys[todo[0]]            # BERT-Attack's captions ignore the image budget: reuse any made
+            made = [ev.captions for k, ev in self._evals.items() if (k.model, k.split) == (first.model, first.split)
+                    and k.source == source and k.attack in ("text", "co-attack")]
             got = evaluate_attacks(self.model(cfg), rset, todo, self.attack_cfg(eps, source), ks=(1,),
                                    text_captions=made[0] if made else None)
             for a, r in got.items():
