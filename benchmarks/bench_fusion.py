@@ -25,7 +25,6 @@ fused models agree and that hard fusion recovers the permutation (noise 0: the o
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import time
 
@@ -130,10 +129,8 @@ def main(argv=None):
     del bundle
     n_params = sum(v.numel() for v in base.values())
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "")       # rclip turns it on unless the environment says 0
     print(f"{args.model} image tower: {n_params / 1e6:.1f} M parameters, {heads} heads; towers: noisy permuted copies "
-          f"(noise {args.noise}); {args.device} ({device_name}, {torch.get_num_threads()} CPU threads; "
-          f"THP_MEM_ALLOC_ENABLE={thp or 'unset'})")
+          f"(noise {args.noise}); {args.device} ({device_name}, {torch.get_num_threads()} CPU threads)")
 
     partner, perms = related(base, heads, args.seed + 1, args.noise, device, with_perms=True)
 
@@ -151,7 +148,7 @@ def main(argv=None):
     skip_pot = {j for j in args.skip_pot.split(",") if j}
     out = {"bench": "fusion", "model": args.model, "params_m": n_params / 1e6, "device": args.device,
            "device_name": device_name, "threads": torch.get_num_threads(), "noise": args.noise, "reg": args.reg,
-           "max_iter": args.max_iter, "thp_mem_alloc": thp, "jobs": {},
+           "max_iter": args.max_iter, "jobs": {},
            "versions": dict(torch=torch.__version__, pot=pot.__version__, numpy=np.__version__)}
     ok = True
     for name in wanted:
