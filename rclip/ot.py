@@ -193,16 +193,11 @@ def _iterate(log_k, a, b, max_iter, tol):
     """
     log_a, log_b = _log(a), _log(b)
     alpha = torch.zeros_like(a).masked_fill(a == 0, -math.inf)  # zero-weight rows are empty from the start
-    if log_k.requires_grad and torch.is_grad_enabled():         # unrolled: every step stays on the tape
-        lse_cols = lambda shift: torch.logsumexp(log_k + shift, dim=-2)  # noqa: E731
-        lse_rows = lambda shift: torch.logsumexp(log_k + shift, dim=-1)  # noqa: E731
-    else:                                                        # one scratch buffer for every step instead
-        scratch = torch.empty_like(log_k)
-        lse_cols = lambda shift: _logsumexp_shifted(log_k, shift, -2, scratch)  # noqa: E731
-        lse_rows = lambda shift: _logsumexp_shifted(log_k, shift, -1, scratch)  # noqa: E731
+    # unrolled: every step stays on the tape; otherwise one scratch buffer serves every step
+    scratch = None if log_k.requires_grad and torch.is_grad_enabled() else torch.empty_like(log_k)
     for n_iter in range(1, max_iter + 1):
-        beta = log_b - lse_cols(alpha[..., :, None])
-        lse = lse_rows(beta[..., None, :])
+        beta = log_b - _logsumexp_shifted(log_k, alpha[..., :, None], -2, scratch)
+        lse = _logsumexp_shifted(log_k, beta[..., None, :], -1, scratch)
         with torch.no_grad():
             error = ((alpha + lse).exp() - a).abs().sum(-1)
         if n_iter == max_iter or error.numel() == 0 or error.max() <= tol:
@@ -211,11 +206,13 @@ def _iterate(log_k, a, b, max_iter, tol):
     return alpha, beta, n_iter, error.detach()
 
 
-def _logsumexp_shifted(x, shift, dim, scratch):
-    """``torch.logsumexp(x + shift, dim)`` computed in ``scratch`` (x's shape, overwritten) with no temporary of x's
-    size: torch's own steps (the maximum, infinite maxima set to 0, exp of the difference, sum, log, plus the
-    maximum) in the same order, so the result is the same to the bit. At fusion's 3 072 x 3 072 plans the two
-    temporaries torch allocates per call cost more than the arithmetic."""
+def _logsumexp_shifted(x, shift, dim, scratch=None):
+    """``torch.logsumexp(x + shift, dim)``; given ``scratch`` (x's shape, overwritten), computed there with no
+    temporary of x's size: torch's own steps (the maximum, infinite maxima set to 0, exp of the difference, sum, log,
+    plus the maximum) in the same order, so the result is the same to the bit. At fusion's 3 072 x 3 072 plans the
+    two temporaries torch allocates per call cost more than the arithmetic. Without ``scratch`` (autograd), torch's."""
+    if scratch is None:
+        return torch.logsumexp(x + shift, dim)
     torch.add(x, shift, out=scratch)
     top = scratch.amax(dim, keepdim=True)
     top.masked_fill_(top.abs() == math.inf, 0)

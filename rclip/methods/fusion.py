@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rclip.errors import RClipError
-from rclip.ot import ConvergenceTally, sinkhorn
+from rclip.ot import CPU_CHUNK_ENTRIES, ConvergenceTally, sinkhorn
 
 ALIGNMENTS = ("hard", "soft", "none")
 COST_SCALES = ("none", "max")
@@ -398,7 +398,8 @@ def _one_hot_columns(r: torch.Tensor) -> torch.Tensor | None:
         return bool(((peak - 1).abs() <= tol).all()) and bool((off <= tol).all())
 
     first = r[..., 0].double()                # a soft map is almost always refused on its first column, in O(n)
-    if one_hot(first.amax(-1), first.sum(-1) - first.amax(-1)) and bool(r.amin() >= 0):
+    first_peak = first.amax(-1)
+    if one_hot(first_peak, first.sum(-1) - first_peak) and bool(r.amin() >= 0):
         # each row's largest entry (a contiguous reduction); one-hot columns of unit mass make these a permutation,
         # whose inverse names each column's row
         n = r.shape[-1]
@@ -409,7 +410,7 @@ def _one_hot_columns(r: torch.Tensor) -> torch.Tensor | None:
             peak = torch.gather(r, -2, source[..., None, :])[..., 0, :]
             # the mass off the peaks, summed without them (float32 resolves it: all its terms are small), a block
             # of columns at a time (no copy of R)
-            w = max(1, (1 << 18) // max(1, r[..., 0].numel()))
+            w = max(1, CPU_CHUNK_ENTRIES // max(1, r[..., 0].numel()))
             off = torch.cat([r[..., :, j:j + w].scatter(-2, source[..., None, j:j + w], 0.0).sum(-2)
                              for j in range(0, n, w)], -1)
             out = source if one_hot(peak.double(), off.double()) else None
