@@ -314,6 +314,56 @@ def test_maps_one_hot_to_float32_rounding_are_applied_by_gathering():
         torch.testing.assert_close(rows(r, x), r.mT @ x, rtol=0, atol=0)
 
 
+def test_soft_fusion_maps_are_gathered_within_their_solves_tolerance():
+    """A soft fusion map carries the mass its columns may hold off their largest entries and still be gathered:
+    tol / 2 (moving it changes the plan by at most tol in L1, the row-marginal error Sinkhorn stops at); then
+    gathering differs from the product by at most tol * max|x|. Hard maps and unmarked maps keep ONE_HOT_ULPS."""
+    from rclip.methods.fusion import ONE_HOT_ULPS, _Aligner, _one_hot_columns, cols, rows
+
+    eps, n = torch.finfo(torch.float32).eps, 96
+    g = torch.Generator().manual_seed(5)
+    src = torch.stack([torch.randperm(n, generator=g) for _ in range(2)])
+    hard = torch.zeros(2, n, n).scatter_(1, src[:, None, :], 1.0)
+    x = torch.randn(2, n, 7, generator=g)
+    soft_cfg = FusionConfig("soft", tol=1e-5)
+    for off, expect in ((3 * ONE_HOT_ULPS * eps, True), (4e-6, True), (2e-5, False)):
+        r = hard * (1 - off) + (1 - hard) * off / (n - 1)
+        assert _one_hot_columns(r.clone()) is None                               # unmarked: beyond ONE_HOT_ULPS
+        assert _one_hot_columns(_Aligner(FusionConfig("hard"), "rclip", 4).solved(r.clone())) is None
+        marked = _Aligner(soft_cfg, "rclip", 4).solved(r.clone())
+        assert (_one_hot_columns(marked) is not None) == expect, off
+        if expect:
+            bound = soft_cfg.tol * x.abs().max() + 4 * eps * x.abs().max()        # the bound + product rounding
+            assert torch.equal(_one_hot_columns(marked), src)
+            assert (rows(marked, x) - marked.mT @ x).abs().max() <= bound
+            assert (cols(x.mT, marked) - x.mT @ marked).abs().max() <= bound
+
+
+def test_soft_fusion_gathering_changes_the_fused_model_within_the_solves_tolerance(world_clip, monkeypatch):
+    """Soft fusion of related towers (a permuted copy with 5 % noise, τ = 0.08): some maps are gathered only thanks
+    to their solve's tolerance, and the fused model differs from the one with every such map multiplied by far less
+    than the tolerance."""
+    import rclip.methods.fusion as fusion
+
+    original = visual_state(world_clip)
+    noisy = _noisy(permute_visual(original, _heads(world_clip), seed=6)[0], 0.05, seed=0)
+    cfg = FusionConfig("soft", reg=0.08)
+    res = fuse_visual([original, noisy], cfg=cfg, heads=_heads(world_clip))
+    solved = res.maps._solved
+    thanks_to_tol = [name for name, r in solved.items() if r is not None and _gathered(fusion, r)
+                     and fusion._one_hot_columns(r.clone()) is None]
+    assert thanks_to_tol, "no map between these towers needed the solve's tolerance: the test tests nothing"
+    monkeypatch.setattr(fusion._Aligner, "solved", lambda self, r: r)              # every soft map multiplied
+    ref = fuse_visual([original, noisy], cfg=cfg, heads=_heads(world_clip))
+    assert not any(_gathered(fusion, ref.maps._solved[name]) for name in thanks_to_tol)
+    gap = max(((res.state[k] - ref.state[k]).norm() / ref.state[k].norm()).item() for k in original)
+    assert 0 < gap < cfg.tol, gap
+
+
+def _gathered(fusion, r) -> bool:
+    return fusion._one_hot_columns(r) is not None
+
+
 def test_assignments_run_in_threads_give_the_sequential_assignments():
     from scipy.optimize import linear_sum_assignment
 

@@ -21,9 +21,11 @@ solves the entropic problem with τ = ``reg`` by log-domain Sinkhorn (:func:`rcl
 actual mass (which stays right when Sinkhorn stops before convergence), so each anchor neuron receives a convex
 combination of the model's neurons; for a permutation R is the 0/1 permutation matrix. A weight W (out × in) is
 aligned as Rₒᵤₜᵀ W Rᵢₙ, a bias or LayerNorm vector as Rᵀ b. All models other than the anchor are aligned at once:
-one batched problem per layer. A map whose every column is one-hot to within a few float32 roundings (every hard
-map; soft maps between closely related towers, whose other entries together carry ~1e-7 of a column's mass) is
-applied by gathering rows instead of a matrix product (:data:`ONE_HOT_ULPS` bounds the difference).
+one batched problem per layer. A map whose every column is one-hot (every hard map) is applied by gathering rows
+instead of a matrix product; so is a soft map whose columns each carry at most ``tol`` / 2 of their mass off their
+largest entry (soft maps between closely related towers carry ~1e-6): moving that mass onto the largest entries
+changes the plan by at most ``tol`` in L1, the row-marginal error its Sinkhorn solve was already allowed to stop at.
+Any other map is one-hot only to within :data:`ONE_HOT_ULPS` float32 roundings.
 
 **How maps flow through the ViT** (``residual="shared"``, the default)::
 
@@ -94,7 +96,8 @@ class FusionConfig:
     residual_gamma: γ of ``residual="combine"``: the skip map's share of the map flowing on (1 - γ: the branch's).
     with_bias: append the bias to each neuron's incoming weight vector.
     max_iter, tol: Sinkhorn's iteration cap and row-marginal tolerance (L1). A plan stopped by the cap is still
-        used: its aligning map divides each column by the column's actual mass.
+        used: its aligning map divides each column by the column's actual mass. A soft map each of whose columns
+        carries at most ``tol`` / 2 of its mass off its largest entry is applied by gathering that entry's row.
     """
     alignment: str = "hard"
     reg: float = 0.08
@@ -338,8 +341,16 @@ class _Aligner:
     def solve_cost(self, name: str, cost: torch.Tensor) -> torch.Tensor:
         """Map R (K, n, n) for a cost (K, n, n); records it and its plan under ``name``."""
         plan = transport_plans(cost, self.cfg, self.solver, self.ot)
-        r = aligning_map(plan)
+        r = self.solved(aligning_map(plan))
         self.plans[name], self.maps[name] = plan, r
+        return r
+
+    def solved(self, r: torch.Tensor) -> torch.Tensor:
+        """Mark a map made from this aligner's plans with the mass its columns may carry off their largest entries and
+        still be gathered (see :func:`_one_hot_columns`): soft plans are solved to a row-marginal error of ``tol``
+        (L1), so ``tol`` / 2 per column, which moves at most ``tol`` of the plan's mass; hard plans: none."""
+        if self.cfg.alignment == "soft":
+            r._rclip_mass_tol = self.cfg.tol / 2
         return r
 
     def combine(self, name: str, main: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -376,15 +387,17 @@ def cols(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 #: A map's column acts as a permutation's when its largest entry is within this many units of R's precision (eps)
 #: of 1 and its other entries add up to at most as many: gathering the largest entry's row then differs from
 #: multiplying by the column by at most 2 · ONE_HOT_ULPS · eps · max|x| (a few float32 roundings). Hard maps are
-#: exact permutations; soft maps between closely related towers (τ = 0.08) carry ~2 eps off their largest entries.
+#: exact permutations. A soft map solved by fusion allows more: the mass its solve's tolerance covers
+#: (:meth:`_Aligner.solved`).
 ONE_HOT_ULPS = 4
 
 
 def _one_hot_columns(r: torch.Tensor) -> torch.Tensor | None:
-    """For R each of whose columns is one-hot to within :data:`ONE_HOT_ULPS` units of R's precision (a hard map;
-    also a soft one whose other entries together vanish beside the largest), the row index of each column's largest
-    entry (K, n); else None. Gathering by it gives what multiplying by R gives (exactly for a hard map; for a soft
-    one, to within the bound at :data:`ONE_HOT_ULPS`), in O(n) instead of O(n²) per vector. The mass off the largest
+    """For R each of whose columns is one-hot to within δ, the row index of each column's largest entry (K, n); else
+    None. δ is :data:`ONE_HOT_ULPS` units of R's precision, or the mass a soft fusion map may move within its
+    solve's tolerance (``R._rclip_mass_tol``, set by :meth:`_Aligner.solved`), whichever is larger. Gathering by it
+    gives what multiplying by R gives to within 2 δ max|x| (exactly for a hard map), in O(n) instead of O(n²) per
+    vector: column j's gather misses (1 − its peak) of x's row and the off-peak mass. The mass off the largest
     entries is summed apart from them, so that float32's rounding of a column sum near 1 cannot hide it; a map with
     a negative entry is never taken for one-hot. The answer is kept on the tensor (maps are never changed in place),
     so a map used many times is read once."""
@@ -392,7 +405,7 @@ def _one_hot_columns(r: torch.Tensor) -> torch.Tensor | None:
     if known is not False and getattr(r, "_rclip_one_hot_version", None) == r._version:
         return known
     out = None
-    tol = ONE_HOT_ULPS * torch.finfo(r.dtype).eps
+    tol = max(ONE_HOT_ULPS * torch.finfo(r.dtype).eps, getattr(r, "_rclip_mass_tol", 0.0))
 
     def one_hot(peak, off):                   # float64 (..., n): every column's largest entry, the rest of its mass
         return bool(((peak - 1).abs() <= tol).all()) and bool((off <= tol).all())
@@ -474,9 +487,9 @@ def _head_maps(al: _Aligner, name: str, qk, v, heads: int):
     out = []
     for tag, pair_plans in zip(("qk", "v"), plans):
         full_plan = torch.einsum("khg,khgij->khigj", head_plan, pair_plans * dh).reshape(k, d, d)
-        al.plans[f"{name}.{tag}"], al.maps[f"{name}.{tag}"] = full_plan, aligning_map(full_plan)
+        al.plans[f"{name}.{tag}"], al.maps[f"{name}.{tag}"] = full_plan, al.solved(aligning_map(full_plan))
         out.append(al.maps[f"{name}.{tag}"])
-    al.plans[f"{name}.heads"], al.maps[f"{name}.heads"] = head_plan, aligning_map(head_plan)
+    al.plans[f"{name}.heads"], al.maps[f"{name}.heads"] = head_plan, al.solved(aligning_map(head_plan))
     return tuple(out)
 
 
