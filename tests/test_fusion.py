@@ -263,6 +263,9 @@ def test_fusion_benchmark_runs_and_checks_itself(tmp_path):
     assert jobs["pair-hard"]["permutations_recovered"] and all(j["agree"] for j in jobs.values())
     assert all(j["ours_s"] > 0 and j["pot_s"] > 0 and j["plan_problems"] > 0 and j["runs"] == 1 for j in jobs.values())
     assert jobs["pair-hard"]["sinkhorn_max_iter"] == 0 and jobs["pair-soft"]["sinkhorn_max_iter"] >= 1
+    for j in jobs.values():     # the ceiling with free plans: POT's time over ours without our plan time
+        assert j["ratio_if_plans_free"] == pytest.approx(j["pot_s"] / (j["ours_s"] - j["ours_plan_s"]))
+        assert j["ratio_if_plans_free"] >= j["ratio"]
 
 
 def test_head_pair_costs_are_each_pairs_own_cost():
