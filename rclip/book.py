@@ -274,7 +274,8 @@ def _jsonable(obj):
             return None
         if math.isinf(obj):
             raise RClipError("a result is infinite; refusing to write it")
-        return round(obj, 4)
+        # four decimals, but never fewer than four significant digits: a learning rate of 5e-5 stays 5e-5
+        return round(obj, 4) if obj == 0 or abs(obj) >= 0.01 else float(f"{obj:.4g}")
     return obj
 
 

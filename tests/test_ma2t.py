@@ -227,7 +227,8 @@ STUDY_PARAMS = dict(eps=2, eval_steps=1, text_budget=1, text_top_k=3, text_sourc
                     attack_sources=["lexicon"], train_steps=1, train_batch=4, train_optimizer="adamw", train_lr=1e-3,
                     train_warmup=1, train_attack_steps=1, bases=["mat_img"], augmentations=["human", "randaugment"],
                     figure3_base="mat_img", figure3_augmentations=["human"], figure3_counts=[0, 4], n_align=4,
-                    attack_batch=8, seed=0, seeds=2, gap_steps=2, n_aug_eval=3, aug_steps=2, val_steps=[2, 1])
+                    attack_batch=8, seed=0, seeds=2, gap_steps=2, n_aug_eval=3, aug_steps=2, val_steps=[2, 1],
+                    aug_seeds=2)
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +274,9 @@ def test_study_trains_and_evaluates_each_configuration_once(study, monkeypatch):
     assert set(trained) == {"Fine-tune", "TeCoA", "MAT_Img", "MAT", "TeCoA (seed 1)", "MAT_Img (seed 1)",
                             "MAT (seed 1)", "MAT (4 pairs, 2 steps)", "MAT + I2T(Human) (4 pairs, 2 steps)",
                             "MAT_Img (2 steps)", "MAT (2 steps)",              # the schedule sweep's longer runs,
-                            "MAT_Img + I2T(Human) (2 steps)", "MAT_Img + I2I(RA) (2 steps)"}    # and aug_steps'
+                            "MAT_Img + I2T(Human) (2 steps)", "MAT_Img + I2I(RA) (2 steps)",    # and aug_steps',
+                            "MAT_Img (2 steps) (seed 1)", "MAT_Img + I2T(Human) (2 steps) (seed 1)",  # each at
+                            "MAT_Img + I2I(RA) (2 steps) (seed 1)"}                               # aug_seeds
     # the schedule sweep: every step count of val_steps on the validation gallery, Table 1's models reused
     assert list(sweep.index) == [1, 2] and sweep.index.name == "training steps"
     assert study.model(study.train_cfg("mat", steps=1)) is study.model(study.table1_methods()["MAT"])
@@ -318,6 +321,15 @@ def test_study_trains_and_evaluates_each_configuration_once(study, monkeypatch):
     assert "text augmentations beat image augmentations (pooled robust R@1)" in names
     assert "cross-modal augmentations beat intra-modal ones (pooled robust R@1)" in names
     assert not any("I2T vs T2T" in c for c in names)                     # no T2T augmentation was trained
+    aug = [r for r in rows if r["claim"].startswith("MAT_Img + ") or "pooled" in r["claim"]]
+    assert len(aug) == 4 and {r["seeds"] for r in aug} == {2} and {r["n"] for r in aug} == {3}
+    t3 = study.table3()                  # clean / Co-Attack / SGA over both seeds, PGD and BERT-Attack the run's seed
+    assert t3["seeds"].xs("SGA", level="attack").eq(2).all() and t3["seeds"].xs("PGD", level="attack").eq(1).all()
+    cfg = study.aug_cfg("mat_img", "human")
+    by_seed = [study.evaluate(c, ["sga"], split=study.aug_split)["sga"].recall()["TR@1"]
+               for c in study.seeded(cfg, study.aug_seeds)]
+    assert t3.loc[(cfg.label(), "SGA"), "TR@1"] == pytest.approx(np.mean(by_seed))
+    assert len(evaluated) == n_eval                                      # Table 3 read what the claims made
     assert sum("SGA is at least as strong as Co-Attack" in c for c in names) == 1     # the threat model's source
 
 
@@ -330,10 +342,13 @@ def test_study_per_image_scores_and_pooling(study):
     assert len(robust) == 3
     assert robust == pytest.approx((study.per_image(study.aug_cfg("mat_img", "human"), "co-attack", split=split)
                                     + study.per_image(study.aug_cfg("mat_img", "human"), "sga", split=split)) / 2)
+    seeded = study.robust_seeds(study.aug_cfg("mat_img", "human"))          # (aug_seeds, images), seed 0 first
+    assert seeded.shape == (2, 3) and seeded[0] == pytest.approx(robust)
+    assert seeded[1] == pytest.approx(study.robust(study.seeded(study.aug_cfg("mat_img", "human"), [1])[0]))
     pooled = study.pooled(["human", "randaugment"])
-    assert pooled == pytest.approx((robust + study.robust(study.aug_cfg("mat_img", "randaugment"))) / 2)
+    assert pooled == pytest.approx((seeded + study.robust_seeds(study.aug_cfg("mat_img", "randaugment"))) / 2)
     gains = study.gains()
-    assert gains["human"] == pytest.approx(float((robust - study.robust(study.aug_cfg("mat_img"))).mean()))
+    assert gains["human"] == pytest.approx(float((seeded - study.robust_seeds(study.aug_cfg("mat_img"))).mean()))
 
 
 def test_attack_success_and_the_text_threat_precondition(study):
