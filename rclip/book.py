@@ -176,7 +176,7 @@ class Run:
         blob = {
             "notebook": self.notebook,
             "profile": self.profile,
-            "parameters": _jsonable(params),
+            "parameters": _jsonable(params, exact=True),       # what was run, as given (lr 5e-5 is not 1e-4)
             "overridden": self.overridden,
             "seed": self.seed,
             "device": str(self.device),
@@ -253,29 +253,28 @@ def start(notebook: str, namespace: dict) -> Run:
                params=params, overridden=overridden)
 
 
-def _jsonable(obj):
-    """Round floats to 4 decimals and turn tensors / numpy values into plain Python, recursively. NaN (a figure
-    with no value, e.g. an attack success rate with no correct query to attack) is written as null; infinity is
-    refused."""
+def _jsonable(obj, exact: bool = False):
+    """Round floats to 4 decimals (``exact``: keep them as they are, for parameters) and turn tensors / numpy values
+    into plain Python, recursively. NaN (a figure with no value, e.g. an attack success rate with no correct query
+    to attack) is written as null; infinity is refused."""
     import numpy as np
 
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): _jsonable(v, exact) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [_jsonable(v, exact) for v in obj]
     if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
+        return _jsonable(obj.tolist(), exact)
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return _jsonable(obj.tolist(), exact)
     if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
+        return _jsonable(obj.item(), exact)
     if isinstance(obj, float):
         if math.isnan(obj):
             return None
         if math.isinf(obj):
             raise RClipError("a result is infinite; refusing to write it")
-        # four decimals, but never fewer than four significant digits: a learning rate of 5e-5 stays 5e-5
-        return round(obj, 4) if obj == 0 or abs(obj) >= 0.01 else float(f"{obj:.4g}")
+        return obj if exact else round(obj, 4)
     return obj
 
 

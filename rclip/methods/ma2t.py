@@ -609,7 +609,7 @@ class RetrievalStudy:
                                       "source": self.reference_source} if self.reference else None),
                 "eval_steps": p["eval_steps"], "text_budget": p["text_budget"], "text_top_k": p["text_top_k"],
                 "text_source": self.source, "train": {"steps": p["train_steps"], "batch": p["train_batch"],
-                                                      "optimizer": p["train_optimizer"], "lr": p["train_lr"],
+                                                      "optimizer": p["train_optimizer"], "lr": f"{p['train_lr']:g}",
                                                       "attack_steps": p["train_attack_steps"]},
                 "seeds": self.seeds, "n_train_eval": len(self.train_eval.images), "gap_steps": p.get("gap_steps"),
                 "aug_steps": p.get("aug_steps") or p["train_steps"],
