@@ -9,7 +9,8 @@ targets): ``a[i]`` and ``b[i]`` belong to item ``i``. The engine estimates the m
 * **not reproduced** — the interval lies wholly on the other side, or wholly below the effect size the paper
   states (``effect``);
 * **undecided** — the interval contains the null value; the record then says how many items the observed
-  difference would need (``n_needed``: 80 % power at a two-sided 5 % level);
+  difference would need (``n_needed``: 80 % power at a two-sided 5 % level; with several training seeds, items
+  at that many seeds, the seed part of the error held fixed — or none, if that part alone is too wide);
 * **untestable** — a named precondition failed (its value and threshold are recorded); the data are still
   summarised, but no verdict is drawn from them.
 
@@ -143,18 +144,32 @@ def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def n_needed(estimate: float, standard_error: float, n: int, *, confidence: float = CONFIDENCE,
-             power: float = POWER, null: float = 0.0) -> int | None:
+             power: float = POWER, null: float = 0.0, seed_error: float = 0.0) -> int | None:
     """Items the observed difference would need to be resolved: the n at which a two-sided test at level
-    1 - ``confidence`` has ``power`` against ``estimate`` (standard error shrinking as 1/sqrt(n)). None when the
-    observed difference equals the null value (no n resolves it)."""
+    1 - ``confidence`` has ``power`` against ``estimate``. Only the item part of the variance shrinks with n
+    (as 1/n): ``seed_error`` is the standard error that comes from training seeds (:func:`seed_error`), which more
+    items at the same seeds do not reduce. None when the observed difference equals the null value, or when the
+    seed part alone is too wide for any n at these seeds (then more seeds are needed, not more items)."""
     from scipy.stats import norm
 
     gap = abs(estimate - null)
     if gap == 0 or standard_error <= 0:
         return None
     z = norm.ppf(1 - (1 - confidence) / 2) + norm.ppf(power)
-    sd = standard_error * math.sqrt(n)
-    return int(math.ceil((z * sd / gap) ** 2))
+    target = (gap / z) ** 2                     # the variance of the mean at which the test has that power
+    seed_var = min(seed_error ** 2, standard_error ** 2)
+    if seed_var >= target:
+        return None
+    return int(math.ceil(n * (standard_error ** 2 - seed_var) / (target - seed_var)))
+
+
+def seed_error(d: np.ndarray) -> float:
+    """The part of the standard error of ``d.mean()`` that comes from training seeds, for paired differences ``d``
+    of shape (seeds, items) scored on the same items: the spread of the per-seed means over sqrt(seeds) (the item
+    effects cancel between seeds, so what remains is seed-to-seed variation and its interaction with items).
+    0 for one seed."""
+    s = d.shape[0]
+    return 0.0 if s < 2 else float(np.std(d.mean(axis=1), ddof=1) / math.sqrt(s))
 
 
 def verdict_of(low: float, high: float, *, null: float = 0.0, effect: float | None = None,
@@ -196,6 +211,9 @@ def compare(claim: str, a, b, *, metric: str, source: str = "paper", labels: tup
     null = 0.0 - float(tolerance)
     verdict = verdict_of(low, high, null=null, effect=effect, preconditions=pre)
     n = int(d.shape[1])
+    seed_se = seed_error(d)
+    need = n_needed(estimate, se, n, confidence=confidence, null=null, seed_error=seed_se) \
+        if verdict == "undecided" else None
     return {
         "claim": claim, "source": source, "metric": metric, "items": items, "n": n, "seeds": int(d.shape[0]),
         "sides": list(labels), "mean_a": float(A.mean()), "mean_b": float(B.mean()),
@@ -203,10 +221,10 @@ def compare(claim: str, a, b, *, metric: str, source: str = "paper", labels: tup
         "null": null, "effect": effect,
         "p_mcnemar": mcnemar_p(A, B) if d.shape[0] == 1 else None,
         "verdict": verdict,
-        "n_needed": n_needed(estimate, se, n, confidence=confidence, null=null) if verdict == "undecided" else None,
+        "n_needed": need,
         "preconditions": [asdict(p) for p in pre],
         "note": note,
-    }
+    } | ({"seed_error": seed_se} if d.shape[0] > 1 else {})
 
 
 def untestable(claim: str, *, metric: str, preconditions: Iterable[Precondition], source: str = "paper",
@@ -261,7 +279,7 @@ def check(record: dict) -> dict:
         if set(p) < {"name", "value", "threshold", "holds"}:
             raise RClipError(f"precondition {p} lacks name / value / threshold / holds")
     if record["verdict"] == "undecided" and record["n_needed"] is None and record["estimate"] not in (None, 0.0) \
-            and record["ci_low"] != record["ci_high"]:
+            and record["ci_low"] != record["ci_high"] and not record.get("seed_error"):
         raise RClipError(f"claim {record['claim']!r} is undecided but gives no n_needed")
     return record
 
@@ -279,12 +297,22 @@ def table(records: Sequence[dict]):
         pre = "; ".join(Precondition(**p).text() for p in r["preconditions"]) or "—"
         verdict = r["verdict"]
         if verdict == "undecided":
-            verdict += f" (n ≈ {r['n_needed']:,} {r.get('items', 'items')})" if r["n_needed"] else " (no difference)"
+            verdict += _needed_text(r)
         rows.append({"claim": r["claim"], "source": r["source"], "metric": r["metric"],
                      "n": f"{r['n']:,} {r.get('items', 'items')}" + (f" × {r['seeds']} seeds" if r.get("seeds", 1) > 1
                                                                       else ""),
                      "sides": sides, "difference [95 % CI]": est, "verdict": verdict, "preconditions": pre})
     return pd.DataFrame(rows).set_index("claim")
+
+
+def _needed_text(r: dict) -> str:
+    """What an undecided claim would need, for the claims table."""
+    seeds = r.get("seeds", 1)
+    if r["n_needed"]:
+        return f" (n ≈ {r['n_needed']:,} {r.get('items', 'items')}" + (f" at {seeds} seeds)" if seeds > 1 else ")")
+    if r.get("seed_error"):
+        return f" (more than {seeds} seeds: their spread alone exceeds what the difference allows)"
+    return " (no difference)"
 
 
 def interval_text(record: dict, digits: int = 1) -> str:
@@ -329,4 +357,4 @@ def grid(records: Mapping[tuple, dict], *, names: Sequence[str] | None = None, d
 
 
 __all__ = ["VERDICTS", "Precondition", "compare", "untestable", "proportion", "above_chance", "paired_interval",
-           "mcnemar_p", "n_needed", "verdict_of", "check", "table", "interval_text", "grid"]
+           "mcnemar_p", "n_needed", "seed_error", "verdict_of", "check", "table", "interval_text", "grid"]

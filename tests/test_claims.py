@@ -99,6 +99,30 @@ def test_verdicts_other_side_effect_tolerance_and_n_needed():
     assert rec["n_needed"] == pytest.approx(expect, rel=0.15)
 
 
+def test_n_needed_with_seeds_holds_the_seed_part_fixed():
+    rng = np.random.default_rng(11)
+    items = rng.normal(0.0, 20.0, size=300)                   # one item effect, shared by every seed (crossed)
+    items += 2.0 - items.mean()                               # a mean difference of 2 points, standard error ~1.2
+    same = np.stack([items] * 3)                              # no seed spread: the single-seed answer
+    rec1 = claims.compare("a beats b", items, np.zeros(300), metric="m")
+    rec3 = claims.compare("a beats b", same, np.zeros((3, 300)), metric="m")
+    assert rec3["seed_error"] == 0.0 and rec1["verdict"] == rec3["verdict"] == "undecided"
+    assert rec3["n_needed"] == pytest.approx(rec1["n_needed"], rel=0.15)
+    # a modest seed spread: more items are needed than if all the error came from items
+    spread = same + np.array([[-0.6], [0.0], [0.6]])
+    rec = claims.compare("a beats b", spread, np.zeros((3, 300)), metric="m")
+    assert rec["verdict"] == "undecided" and rec["seed_error"] == pytest.approx(0.6 / np.sqrt(3))
+    naive = claims.n_needed(rec["estimate"], (rec["ci_high"] - rec["ci_low"]) / 3.92, 300)
+    assert rec["n_needed"] > naive
+    assert "at 3 seeds" in claims.table([rec])["verdict"].iloc[0]
+    # seeds far apart: no number of items at three seeds resolves it, and the table says more seeds are needed
+    wide = same + np.array([[-30.0], [0.0], [30.0]])
+    rec = claims.compare("a beats b", wide, np.zeros((3, 300)), metric="m")
+    assert rec["verdict"] == "undecided" and rec["n_needed"] is None
+    assert "more than 3 seeds" in claims.table([rec])["verdict"].iloc[0]
+    assert "seed_error" not in rec1                            # one seed: the record is as before
+
+
 def test_constant_and_bad_inputs():
     rec = claims.compare("a beats b", np.full(50, 100.0), np.full(50, 100.0), metric="m")
     assert rec["verdict"] == "undecided" and rec["ci_low"] == rec["ci_high"] == 0 and rec["n_needed"] is None

@@ -323,6 +323,14 @@ def test_study_trains_and_evaluates_each_configuration_once(study, monkeypatch):
     assert not any("I2T vs T2T" in c for c in names)                     # no T2T augmentation was trained
     aug = [r for r in rows if r["claim"].startswith("MAT_Img + ") or "pooled" in r["claim"]]
     assert len(aug) == 4 and {r["seeds"] for r in aug} == {2} and {r["n"] for r in aug} == {3}
+    # seed s of the augmented model against seed s of its base, every seed's base above chance as a precondition
+    human = next(r for r in aug if r["claim"].startswith("MAT_Img + I2T(Human) beats"))
+    ref = claims.compare("x", study.robust_seeds(study.aug_cfg("mat_img", "human")),
+                         study.robust_seeds(study.aug_cfg("mat_img")), metric="m")
+    assert (human["estimate"], human["ci_low"], human["ci_high"]) == pytest.approx(
+        (ref["estimate"], ref["ci_low"], ref["ci_high"]))
+    assert [p["name"].split(" clean")[0] for p in human["preconditions"]] == [
+        study.name(c) for c in study.seeded(study.aug_cfg("mat_img"), [0, 1])]
     t3 = study.table3()                  # clean / Co-Attack / SGA over both seeds, PGD and BERT-Attack the run's seed
     assert t3["seeds"].xs("SGA", level="attack").eq(2).all() and t3["seeds"].xs("PGD", level="attack").eq(1).all()
     cfg = study.aug_cfg("mat_img", "human")
@@ -505,6 +513,10 @@ def test_study_names_tell_configurations_apart(study):
     fresh._cfgs[fresh.name(cfg)] = replace(cfg, eps=1 / 255)          # another configuration under the same name
     with pytest.raises(RClipError, match="share the name"):
         fresh.model(cfg)
+    for key, bad in (("aug_seeds", 0), ("aug_seeds", 2.5), ("seeds", -1), ("aug_seeds", True), ("seeds", "3")):
+        with pytest.raises(RClipError, match=f"{key} is a number of training seeds.*got {bad!r}"):
+            RetrievalStudy(study.bundle, study.test, study.train_eval, study.pairs, study.data_key,
+                           {**STUDY_PARAMS, key: bad}, scale="world", data="stand-ins")
 
 
 def test_study_without_validation_gallery_names_the_fix(tiny):

@@ -319,8 +319,8 @@ GAP_MIN = 10.0
 #: the Table 1 defenses trained with every seed of the ``seeds`` parameter (Fine-tune, the undefended reference
 #: point, once)
 SEEDED = ("TeCoA", "MAT_Img", "MAT")
-#: the evaluations of the augmentation experiments made at every one of ``aug_seeds`` (what the robust score and
-#: the precondition read); PGD and BERT-Attack, shown in Table 3 only, at the run's seed
+#: the evaluations of Tables 3 / 5 made at every one of ``aug_seeds`` (what the robust score and the above-chance
+#: precondition read); PGD and BERT-Attack, shown in Table 3 only, at the run's seed
 SEEDED_ATTACKS = ("clean", "co-attack", "sga")
 #: "SGA is at least as strong as Co-Attack": SGA's per-image R@1 may exceed Co-Attack's by at most this (points)
 SGA_TOLERANCE = 2.0
@@ -438,6 +438,11 @@ class RetrievalStudy:
             raise RClipError(f"Table 2's overfitting regime trains on the {len(train_eval.images)} images of the "
                              f"training gallery (n_train_eval), fewer than one batch of {self.p['train_batch']}: "
                              f"raise n_train_eval or lower train_batch")
+        for key in ("seeds", "aug_seeds"):
+            v = self.p.get(key, 1)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise RClipError(f"{key} is a number of training seeds, a whole number of at least 1; got {v!r}: "
+                                 f"set {key}: 1 (or more) in the profile or the notebook's parameters")
         self.bases, self.augmentations = list(self.p["bases"]), list(self.p["augmentations"])
         self.trained, self.logs, self._evals, self._galleries, self._cfgs = {}, {}, {}, {}, {}
 
@@ -515,7 +520,7 @@ class RetrievalStudy:
     def aug_seeds(self) -> list[int]:
         """The training seeds of the augmentation experiments (Tables 3 / 5: every base and every base +
         augmentation): ``aug_seeds`` of them from the run's ``seed`` on."""
-        return list(range(int(self.p["seed"]), int(self.p["seed"]) + int(self.p.get("aug_seeds") or 1)))
+        return list(range(int(self.p["seed"]), int(self.p["seed"]) + int(self.p.get("aug_seeds", 1))))
 
     def seeded(self, cfg: MA2TConfig, seeds: list[int] | None = None) -> list[MA2TConfig]:
         """``cfg`` trained with each of ``seeds`` (default :attr:`seeds`)."""
@@ -523,10 +528,11 @@ class RetrievalStudy:
 
         return [replace(cfg, train=replace(cfg.train, seed=s)) for s in (self.seeds if seeds is None else seeds)]
 
-    def per_seed(self, cfg: MA2TConfig | None, attack: str, k: int = 1, **kw) -> np.ndarray:
-        """(seeds, N_img) per-image R@k of ``cfg`` trained with each seed (``None``: the undefended CLIP, one row):
-        what the claims engine resamples at two levels, seeds and images."""
-        cfgs = [None] if cfg is None else self.seeded(cfg)
+    def per_seed(self, cfg: MA2TConfig | None, attack: str, k: int = 1, *, seeds: list[int] | None = None,
+                 **kw) -> np.ndarray:
+        """(seeds, N_img) per-image R@k of ``cfg`` trained with each of ``seeds`` (default :attr:`seeds`; ``None``:
+        the undefended CLIP, one row): what the claims engine resamples at two levels, seeds and images."""
+        cfgs = [None] if cfg is None else self.seeded(cfg, seeds)
         return np.stack([np.asarray(self.per_image(c, attack, k, **kw)) for c in cfgs])
 
     @property
@@ -704,7 +710,8 @@ class RetrievalStudy:
         """(seeds, N_img) :meth:`robust` of ``cfg`` trained with each of :attr:`aug_seeds`: what the augmentation
         claims resample at two levels, seeds and images (seed s of one side paired with seed s of the other: the
         same batch order and inner-attack starts)."""
-        return np.stack([self.robust(c) for c in self.seeded(cfg, self.aug_seeds)])
+        kw = {"seeds": self.aug_seeds, "split": self.aug_split}
+        return (self.per_seed(cfg, "co-attack", **kw) + self.per_seed(cfg, "sga", **kw)) / 2
 
     # -- chance and the preconditions ------------------------------------------------------------------------------
     def chance_text(self, cfgs=(None,), split: str = "test") -> str:
@@ -807,12 +814,16 @@ class RetrievalStudy:
             if reference and self.ref_label in self.budgets:
                 evals += [(f"{ATTACK_NAMES[a]} {self.ref_label}", a, self.reference[1]) for a in ("co-attack", "sga")]
             for label, a, eps in evals:
-                recs = [self.evaluate(c, [a], eps=eps)[a].recall() for c in cfgs]
-                rows[(name, label)] = {**{k: float(np.mean([r[k] for r in recs])) for k in recs[0]},
-                                       "seeds": len(cfgs)}
+                rows[(name, label)] = self._mean_recall(cfgs, a, eps=eps)
         df = pd.DataFrame(rows).T
         df.index.names = ["method", "attack"]
         return df
+
+    def _mean_recall(self, cfgs: list[MA2TConfig], attack: str, **kw) -> dict[str, float]:
+        """The four recalls under ``attack`` averaged over the trained copies ``cfgs`` (one per seed), and how many
+        (``seeds``); keywords as :meth:`evaluate`."""
+        recs = [self.evaluate(c, [attack], **kw)[attack].recall() for c in cfgs]
+        return {**{k: float(np.mean([r[k] for r in recs])) for k in recs[0]}, "seeds": len(cfgs)}
 
     def cfgs_of(self, name: str, cfg: MA2TConfig) -> list[MA2TConfig]:
         """The trained copies behind a Table 1 row: every seed for the defenses of :data:`SEEDED`, one otherwise."""
@@ -889,8 +900,16 @@ class RetrievalStudy:
         gap = {m: float(t2.loc["Diff", m].mean()) for m in self.gap_models()}
         return t2, gap
 
-    def table3_models(self) -> list[MA2TConfig]:
-        return [self.aug_cfg(b, a) for b in self.bases for a in [None, *self.augmentations]]
+    def table3_models(self, *, seeded: bool = False) -> list[MA2TConfig]:
+        """Every base with and without each augmentation; ``seeded``: each trained with every one of
+        :attr:`aug_seeds` (what Table 3's clean, Co-Attack and SGA columns average)."""
+        cfgs = [self.aug_cfg(b, a) for b in self.bases for a in [None, *self.augmentations]]
+        return [c for cfg in cfgs for c in self.seeded(cfg, self.aug_seeds)] if seeded else cfgs
+
+    def aug_above_chance(self, cfg: MA2TConfig) -> list[Precondition]:
+        """Precondition of the augmentation claims: ``cfg`` retrieves above chance on :attr:`aug_split` at every one
+        of :attr:`aug_seeds` (one precondition per seed)."""
+        return [self.above_chance(c, self.aug_split) for c in self.seeded(cfg, self.aug_seeds)]
 
     def table3(self):
         """Tables 3 and 5 (long): every base with and without each augmentation, clean and under PGD, BERT-Attack,
@@ -903,9 +922,7 @@ class RetrievalStudy:
         for cfg in self.table3_models():
             for a in ("clean", "pgd", "text", "co-attack", "sga"):
                 cfgs = self.seeded(cfg, self.aug_seeds if a in SEEDED_ATTACKS else self.aug_seeds[:1])
-                recs = [self.evaluate(c, [a], split=self.aug_split)[a].recall() for c in cfgs]
-                rows[(cfg.label(), ATTACK_NAMES[a])] = {**{k: float(np.mean([r[k] for r in recs])) for k in recs[0]},
-                                                        "seeds": len(cfgs)}
+                rows[(cfg.label(), ATTACK_NAMES[a])] = self._mean_recall(cfgs, a, split=self.aug_split)
         df = pd.DataFrame(rows).T
         df.index.names = ["model", "attack"]
         return df
@@ -918,7 +935,7 @@ class RetrievalStudy:
 
     def figure3_cfg(self, augment: str, m: int) -> MA2TConfig:
         """``figure3_base`` trained with the ``m`` best-aligned of the four augmented points per pair (m = 0: the base
-        alone; m = 4: all four, the very model of Table 3)."""
+        alone; m = 4: all four, Table 3's model at the run's seed)."""
         base = self.p["figure3_base"]
         if m == 0:
             return self.aug_cfg(base)
@@ -946,7 +963,7 @@ class RetrievalStudy:
         at ``aug_steps``) at a fixed number of points: ``("false", k)``: k of the four captions replaced by captions
         false of the image (the world's ground truth says which), for k in ``false_counts`` (world only);
         ``("distinct", d)``: only d distinct captions, repeated over the four slots, for d in ``distinct_counts``.
-        k = 0 and d = 4 are Table 3's model."""
+        k = 0 and d = 4 are Table 3's model at the run's seed."""
         base, out = self.p["figure3_base"], {}
         if self.scale == "world":
             for k in self.p.get("false_counts") or []:
@@ -1104,7 +1121,7 @@ class RetrievalStudy:
                     f"{cfg.label()} beats {base.label()} (robust R@1)", self.robust_seeds(cfg),
                     self.robust_seeds(base),
                     (cfg.label(), base.label()), source="paper" if text else "book",
-                    preconditions=[self.above_chance(base, self.aug_split)],
+                    preconditions=self.aug_above_chance(base),
                     note="robust R@1: per image, the mean of its R@1 under Co-Attack and SGA; " + seeds_note + (
 
                         "" if text else f"; the paper's Table 3 shows {PAPER_NAMES[aug]} as no or a mixed gain")))
@@ -1113,7 +1130,7 @@ class RetrievalStudy:
                   ("cross-modal image augmentation beats intra-modal (T2I vs I2I)", ("T2I",), ("I2I",), "book"),
                   ("cross-modal augmentations beat intra-modal ones", ("I2T", "T2I"), ("T2T", "I2I"), "paper")]
         of = {k: [a for a in self.augmentations if KINDS[a] in k] for _, ka, kb, _ in groups for k in (ka, kb)}
-        pre = [self.above_chance(self.aug_cfg(b), self.aug_split) for b in self.bases]
+        pre = [p for b in self.bases for p in self.aug_above_chance(self.aug_cfg(b))]
         for claim, ka, kb, src in groups:
             if of[ka] and of[kb]:
                 rows.append(self._r1_compare(
