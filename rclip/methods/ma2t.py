@@ -528,11 +528,10 @@ class RetrievalStudy:
 
         return [replace(cfg, train=replace(cfg.train, seed=s)) for s in (self.seeds if seeds is None else seeds)]
 
-    def per_seed(self, cfg: MA2TConfig | None, attack: str, k: int = 1, *, seeds: list[int] | None = None,
-                 **kw) -> np.ndarray:
-        """(seeds, N_img) per-image R@k of ``cfg`` trained with each of ``seeds`` (default :attr:`seeds`; ``None``:
-        the undefended CLIP, one row): what the claims engine resamples at two levels, seeds and images."""
-        cfgs = [None] if cfg is None else self.seeded(cfg, seeds)
+    def per_seed(self, cfg: MA2TConfig | None, attack: str, k: int = 1, **kw) -> np.ndarray:
+        """(seeds, N_img) per-image R@k of ``cfg`` trained with each seed (``None``: the undefended CLIP, one row):
+        what the claims engine resamples at two levels, seeds and images."""
+        cfgs = [None] if cfg is None else self.seeded(cfg)
         return np.stack([np.asarray(self.per_image(c, attack, k, **kw)) for c in cfgs])
 
     @property
@@ -710,8 +709,7 @@ class RetrievalStudy:
         """(seeds, N_img) :meth:`robust` of ``cfg`` trained with each of :attr:`aug_seeds`: what the augmentation
         claims resample at two levels, seeds and images (seed s of one side paired with seed s of the other: the
         same batch order and inner-attack starts)."""
-        kw = {"seeds": self.aug_seeds, "split": self.aug_split}
-        return (self.per_seed(cfg, "co-attack", **kw) + self.per_seed(cfg, "sga", **kw)) / 2
+        return np.stack([self.robust(c) for c in self.seeded(cfg, self.aug_seeds)])
 
     # -- chance and the preconditions ------------------------------------------------------------------------------
     def chance_text(self, cfgs=(None,), split: str = "test") -> str:
@@ -1123,7 +1121,6 @@ class RetrievalStudy:
                     (cfg.label(), base.label()), source="paper" if text else "book",
                     preconditions=self.aug_above_chance(base),
                     note="robust R@1: per image, the mean of its R@1 under Co-Attack and SGA; " + seeds_note + (
-
                         "" if text else f"; the paper's Table 3 shows {PAPER_NAMES[aug]} as no or a mixed gain")))
         groups = [("text augmentations beat image augmentations", ("I2T", "T2T"), ("I2I", "T2I"), "paper"),
                   ("cross-modal text augmentations beat intra-modal ones (I2T vs T2T)", ("I2T",), ("T2T",), "paper"),
