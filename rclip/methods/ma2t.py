@@ -412,7 +412,7 @@ class RetrievalStudy:
     per-image values of the same test images.
 
     bundle: the undefended CLIP. test / train_eval: :class:`~rclip.data.base.RetrievalSet` galleries (the test
-    split; training images with all their captions, for Table 2). pairs / data_key: the 1:1 training pairs and what
+    split; training images with all their captions, for Table 2, or None where Table 2 is not run). pairs / data_key: the 1:1 training pairs and what
     identifies them in the cache. params: the notebook's resolved parameters (``eps``, ``eval_steps``,
     ``text_budget``, ``text_top_k``, ``text_source``, ``attack_sources``, ``train_*``, ``aug_steps``, ``val_steps``,
     ``bases``, ``augmentations``, ``figure3_*``, ``n_align``, ``attack_batch``, ``seed``). reference: ``(task, eps)``
@@ -430,11 +430,11 @@ class RetrievalStudy:
         self.nominal = f"{self.p['eps']:g}/255"
         self.budgets = {self.nominal: self.eps}
         self.reference, self.reference_source = reference, reference_source
-        if reference and (self.p.get("ref_budget_attacks", True) or self.p.get("ref_budget_table1")):
+        if reference and (self.p.get("ref_budget_attacks") or self.p.get("ref_budget_table1")):
             self.budgets[self.ref_label] = reference[1]     # attacked only where asked for
         self.source = self.p["text_source"]
-        self.sources = list(dict.fromkeys([*self.p["attack_sources"], self.source]))
-        if self.p.get("gap_steps") and len(train_eval.images) < int(self.p["train_batch"]):
+        self.sources = list(dict.fromkeys([*(self.p.get("attack_sources") or []), self.source]))
+        if self.p.get("gap_steps") and train_eval is not None and len(train_eval.images) < int(self.p["train_batch"]):
             raise RClipError(f"Table 2's overfitting regime trains on the {len(train_eval.images)} images of the "
                              f"training gallery (n_train_eval), fewer than one batch of {self.p['train_batch']}: "
                              f"raise n_train_eval or lower train_batch")
@@ -578,17 +578,36 @@ class RetrievalStudy:
                  f"n = {n or f'{len(self.test.images)} test images x 5 captions'}"]
         return " · ".join(parts + ([f"attack {attack}"] if attack else []))
 
-    def summary(self):
-        """What this run is, as a one-column table."""
+    def summary(self, *, augmentations_only: bool = False):
+        """What this run is, as a one-column table; ``augmentations_only``: the rows that describe a run of the
+        augmentation experiments alone (Tables 3 / 5 on ``bases``, every model at :attr:`aug_seeds`)."""
         import pandas as pd
 
         p = self.p
+        if augmentations_only:
+            from rclip.augment import PAPER_NAMES
+
+            gallery = self.gallery(self.aug_split)
+            return pd.Series({
+                "scale": self.scale, "model": self.model_name,
+                "test gallery": f"{len(gallery.images)} images, {len(gallery.captions)} captions",
+                "bases": ", ".join(self.aug_cfg(b).label() for b in self.bases),
+                "augmentations": ", ".join(PAPER_NAMES[a] for a in self.augmentations),
+                "training seeds": f"{len(self.aug_seeds)} per model ({', '.join(map(str, self.aug_seeds))})",
+                "training pairs": f"{len(self.pairs)} (1:1, first caption) + 4 augmented points each",
+                "training": f"{self.aug_cfg(self.bases[0]).train.steps if self.bases else p['train_steps']} steps x "
+                            f"batch {p['train_batch']}, {p['train_optimizer']} lr {p['train_lr']:g}, inner PGD "
+                            f"{p['train_attack_steps']} step(s) at {self.nominal}",
+                "evaluation attacks": self.steps_text() + "; SGA scales 0.5/0.75/1.25/1.5, σ 0.05; Co-Attack KL "
+                                                          "weight 3",
+                "text threat model": self.source}, name="this run").to_frame()
         return pd.Series({
             "scale": self.scale, "model": self.model_name,
             "test gallery": f"{len(self.test.images)} images, {len(self.test.captions)} captions (augmentation "
                             f"experiments: the first {len(self.gallery(self.aug_split).images)})",
             "training seeds": f"{len(self.seeds)} for TeCoA, MAT_Img and MAT; 1 for the others",
-            "Table 2": (f"MAT and MA²T trained {p['gap_steps']} steps on the {len(self.train_eval.images)} training-"
+            "Table 2": ("not run" if self.train_eval is None else
+                        f"MAT and MA²T trained {p['gap_steps']} steps on the {len(self.train_eval.images)} training-"
                         f"gallery images" if p.get("gap_steps") else "Table 1's MAT and MA²T"),
             "training pairs": f"{len(self.pairs)} (1:1, first caption) + 4 augmented points each for MA²T",
             "training": f"{p['train_steps']} steps x batch {p['train_batch']}, {p['train_optimizer']} lr "
@@ -616,7 +635,7 @@ class RetrievalStudy:
                 "text_source": self.source, "train": {"steps": p["train_steps"], "batch": p["train_batch"],
                                                       "optimizer": p["train_optimizer"], "lr": f"{p['train_lr']:g}",
                                                       "attack_steps": p["train_attack_steps"]},
-                "seeds": self.seeds, "n_train_eval": len(self.train_eval.images), "gap_steps": p.get("gap_steps"),
+                "seeds": self.seeds, "n_train_eval": len(self.train_eval.images) if self.train_eval is not None else 0, "gap_steps": p.get("gap_steps"),
                 "aug_steps": p.get("aug_steps") or p["train_steps"],
                 "n_val": len(self.val.images) if self.val is not None else 0, "val_steps": p.get("val_steps"),
                 "n_aug_eval": len(self.gallery(self.aug_split).images)}
@@ -649,6 +668,9 @@ class RetrievalStudy:
         if split == "test":
             return self.test
         if split == "train":
+            if self.train_eval is None:
+                raise RClipError("this study has no training gallery (Table 2's): set n_train_eval, the training "
+                                 "images to score, to at least one batch")
             return self.train_eval
         if split == "val":
             if self.val is None:
@@ -665,7 +687,7 @@ class RetrievalStudy:
     def gap_split(self) -> str:
         """Table 2's test gallery: the first test images, as many as its training gallery has (R@5 depends on the
         gallery's size, so the two sides must match)."""
-        return f"test:{len(self.train_eval.images)}"
+        return f"test:{len(self.gallery('train').images)}"
 
     @property
     def aug_split(self) -> str:
@@ -878,7 +900,7 @@ class RetrievalStudy:
         ``n_train_eval`` pairs only - exactly the images of the training gallery - the overfitting regime the
         paper's gap comes from; otherwise Table 1's models."""
         steps = self.p.get("gap_steps")
-        kw = {} if not steps else {"steps": int(steps), "n_pairs": len(self.train_eval.images)}
+        kw = {} if not steps else {"steps": int(steps), "n_pairs": len(self.gallery("train").images)}
         return {"MAT": self.train_cfg("mat", **kw), "MA²T I2T(Human)": self.train_cfg("mat", "human", **kw)}
 
     def table2(self):
@@ -1172,7 +1194,8 @@ def retrieval_study(run) -> RetrievalStudy:
     """The chapter's set-up from the notebook's resolved parameters (``run.params``).
 
     World scale: the CLIP named by ``model`` / ``checkpoint``, the world's retrieval test split (``n_eval`` images x
-    5 true captions), ``n_train_eval`` training images with all their captions (Table 2), ``n_train`` 1:1 training
+    5 true captions), ``n_train_eval`` training images with all their captions (Table 2; none where the notebook
+    does not declare it or sets 0), ``n_train`` 1:1 training
     pairs of the retrieval train split, ``n_val`` images of the validation split
     (:meth:`RetrievalStudy.schedule_sweep`), and the world's reference budget (:func:`retrieval_reference_budget`).
     Paper scale: ``model`` / ``pretrained`` / ``checkpoint`` through ``inputs``, the Karpathy splits of ``dataset``
@@ -1181,7 +1204,7 @@ def retrieval_study(run) -> RetrievalStudy:
     from rclip.augment import WORLD_ONLY
 
     p = dict(run.params)
-    n_eval, n_train, n_te = int(p["n_eval"]), int(p["n_train"]), int(p["n_train_eval"])
+    n_eval, n_train, n_te = int(p["n_eval"]), int(p["n_train"]), int(p.get("n_train_eval") or 0)
     n_val = int(p.get("n_val") or 0)
     if p["scale"] == "paper":
         annotations, image_root = paper_retrieval_inputs(p["inputs"], p["dataset"])
@@ -1195,8 +1218,9 @@ def retrieval_study(run) -> RetrievalStudy:
             from rclip.attacks import WordNetSubstitutes
             synonyms = WordNetSubstitutes().synonyms  # EDA's own synonym source; raises naming the fix if absent
         for key in ("augmentations", "figure3_augmentations"):
-            p[key] = [a for a in p[key] if a not in WORLD_ONLY]
-        return RetrievalStudy(bundle, load("test", n_eval), load("train", n_te),
+            if key in p:
+                p[key] = [a for a in p[key] if a not in WORLD_ONLY]
+        return RetrievalStudy(bundle, load("test", n_eval), load("train", n_te) if n_te else None,
                               RetrievalSetPairs(load("train", n_train), synonyms=synonyms),
                               {"annotations": annotations, "n": n_train}, p, scale="paper",
                               data=f"{p['dataset']}'s Karpathy test split ({n_eval} images x 5 captions)",
@@ -1210,7 +1234,7 @@ def retrieval_study(run) -> RetrievalStudy:
         raise RClipError(f"{p['model']} takes {bundle.image_size} px images; set resolution={bundle.image_size}")
     ref = retrieval_reference_budget(run)
     return RetrievalStudy(bundle, world.retrieval_set(split="test", n=n_eval, resolution=res, seed=seed),
-                          world.retrieval_set(split="train", n=n_te, resolution=res, seed=seed),
+                          world.retrieval_set(split="train", n=n_te, resolution=res, seed=seed) if n_te else None,
                           WorldRetrievalPairs(n_train, split="train", resolution=res, seed=seed),
                           {"world": "retrieval/train", "n": n_train, "resolution": res, "seed": seed}, p,
                           scale="world", data=f"the world's retrieval test split ({n_eval} images x 5 true captions)",
