@@ -228,7 +228,7 @@ STUDY_PARAMS = dict(eps=2, eval_steps=1, text_budget=1, text_top_k=3, text_sourc
                     train_warmup=1, train_attack_steps=1, bases=["mat_img"], augmentations=["human", "randaugment"],
                     figure3_base="mat_img", figure3_augmentations=["human"], figure3_counts=[0, 4], n_align=4,
                     attack_batch=8, seed=0, seeds=2, gap_steps=2, n_aug_eval=3, aug_steps=2, val_steps=[2, 1],
-                    aug_seeds=2)
+                    aug_seeds=2, ref_budget_attacks=True)
 
 
 @pytest.fixture(scope="module")
@@ -434,19 +434,13 @@ def test_paper_inputs_fail_fast(tmp_path):
 
 
 @pytest.mark.slow
-def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
-    """A tiny checkpoint, a Karpathy JSON and a few PNGs in place of ViT-B/16 and Flickr30k."""
-    import os
-    from pathlib import Path
-
-    import papermill as pm
+def _paper_stand_ins(tmp_path, tiny) -> dict:
+    """A tiny checkpoint, a Karpathy JSON and a few PNGs in place of ViT-B/16 and Flickr30k: the paper-scale
+    parameters that point at them."""
     from PIL import Image
 
     from rclip import models
-    from rclip.attacks import WordNetSubstitutes
-    from rclip.profiles import notebook_parameters
 
-    root = Path(__file__).resolve().parent.parent
     (tmp_path / "images").mkdir()
     colours = {"red": (220, 40, 40), "blue": (40, 60, 220), "green": (40, 170, 60), "yellow": (230, 215, 40)}
     entries = []
@@ -465,12 +459,26 @@ def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
     models.save(tiny, ckpt)
     inputs = {"model": "ViT-B-32", "datasets": {"flickr30k": {"annotations": str(tmp_path / "dataset_flickr30k.json"),
                                                               "images": str(tmp_path / "images")}}}
+    return dict(scale="paper", inputs=inputs, model=None, pretrained=None, checkpoint=str(ckpt))
+
+
+def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
+    """A tiny checkpoint, a Karpathy JSON and a few PNGs in place of ViT-B/16 and Flickr30k."""
+    import os
+    from pathlib import Path
+
+    import papermill as pm
+
+    from rclip.attacks import WordNetSubstitutes
+    from rclip.profiles import notebook_parameters
+
+    root = Path(__file__).resolve().parent.parent
+    stand_ins = _paper_stand_ins(tmp_path, tiny)
     params = notebook_parameters("paper", "03_ma2t")
     assert params["scale"] == "paper" and params["model"] == "ViT-B-16"
     results = tmp_path / "03_ma2t.json"
     params.update(notebook_parameters("smoke", "03_ma2t"))
-    params.update(scale="paper", inputs=inputs, model=None, pretrained=None, checkpoint=str(ckpt), n_eval=4,
-                  n_train=8, n_train_eval=4, text_source="synonyms", attack_sources=["synonyms"],
+    params.update(**stand_ins, n_eval=4, n_train=8, n_train_eval=4, text_source="synonyms", attack_sources=["synonyms"],
                   augmentations=["eda", "human"], figure3_augmentations=["human"],
                   figure3_counts=[0, 4], results_path=str(results))
     os.environ.setdefault("RCLIP_ROOT", str(root))
@@ -494,6 +502,59 @@ def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
     names = [claims.check(r)["claim"] for r in res["claims"]]
     assert "MAT beats TeCoA under SGA (2/255)" in names and any("train − test gap" in c for c in names)
     assert set(res["spearman_gain"]) == {"alignment", "diversity"}
+
+
+def test_chapter3b_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
+    """Chapter 3b (the augmentation experiments on MAT) at paper scale: no Table 2 gallery, the claims on MAT."""
+    import os
+    from pathlib import Path
+
+    import papermill as pm
+
+    from rclip import claims
+    from rclip.profiles import notebook_parameters
+
+    root = Path(__file__).resolve().parent.parent
+    params = notebook_parameters("paper", "03b_ma2t_mat")
+    assert params["scale"] == "paper" and params["bases"] == ["mat"] and "n_train_eval" not in params
+    params.update(notebook_parameters("smoke", "03b_ma2t_mat"))
+    results = tmp_path / "03b_ma2t_mat.json"
+    params.update(**_paper_stand_ins(tmp_path, tiny), n_eval=4, n_train=8, text_source="synonyms",
+                  augmentations=["human", "randaugment"], aug_seeds=2, results_path=str(results))
+    os.environ.setdefault("RCLIP_ROOT", str(root))
+    pm.execute_notebook(str(root / "notebooks" / "03b_ma2t_mat.ipynb"), str(tmp_path / "out.ipynb"),
+                        parameters=params, kernel_name="python3", cwd=str(root / "notebooks"), progress_bar=False)
+    res = json.loads(results.read_text())["results"]
+    assert res["scale"] == "paper" and res["n_eval"] == 4 and res["n_train_eval"] == 0
+    assert res["budgets_255"] == {"2/255": 2.0}
+    assert {"MAT | Co-Attack", "MAT + I2T(Human) | SGA", "MAT + I2I(RA) | clean"} <= set(res["table3"])
+    assert set(res["augmentation_gain"]) == {"human", "randaugment"}
+    names = [claims.check(r)["claim"] for r in res["claims"]]
+    assert names[:2] == ["MAT + I2T(Human) beats MAT (robust R@1)", "MAT + I2I(RA) beats MAT (robust R@1)"]
+    assert all(r["seeds"] == 2 for r in res["claims"] if r["n"])
+
+
+def test_augmentation_study_runs_without_table2s_gallery(study):
+    """A study of the augmentation experiments alone (chapter 3b): no training gallery, no further text sources, no
+    reference budget unless asked for; Table 2 names what is missing."""
+    from rclip.methods.ma2t import RetrievalStudy
+
+    keep = ("eps", "eval_steps", "text_budget", "text_top_k", "text_source", "train_steps", "train_batch",
+            "train_optimizer", "train_lr", "train_warmup", "train_attack_steps", "augmentations", "attack_batch", "seed",
+            "aug_seeds")
+    params = {**{k: STUDY_PARAMS[k] for k in keep}, "bases": ["mat"]}
+    s = RetrievalStudy(study.bundle, study.test, None, study.pairs, study.data_key, params, scale="world",
+                       data="stand-ins", reference=("colour", 4 / 255))
+    assert s.sources == [params["text_source"]] and list(s.budgets) == ["2/255"]
+    assert s.header()["n_train_eval"] == 0 and s.aug_split == "test"
+    for attempt in (lambda: s.gallery("train"), lambda: s.gap_split, s.table2):
+        with pytest.raises(RClipError, match="n_train_eval"):
+            attempt()
+    summary = s.summary(augmentations_only=True)["this run"]
+    assert summary["bases"] == "MAT" and summary["augmentations"] == "I2T(Human), I2I(RA)"
+    assert summary["training seeds"] == "2 per model (0, 1)"
+    assert summary["test gallery"] == f"{len(study.test.images)} images, {len(study.test.captions)} captions"
+    assert [c.label() for c in s.table3_models()] == ["MAT", "MAT + I2T(Human)", "MAT + I2I(RA)"]
 
 
 def test_study_names_tell_configurations_apart(study):
