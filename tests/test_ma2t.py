@@ -433,7 +433,6 @@ def test_paper_inputs_fail_fast(tmp_path):
     assert time.time() - t0 < 10
 
 
-@pytest.mark.slow
 def _paper_stand_ins(tmp_path, tiny) -> dict:
     """A tiny checkpoint, a Karpathy JSON and a few PNGs in place of ViT-B/16 and Flickr30k: the paper-scale
     parameters that point at them."""
@@ -462,6 +461,7 @@ def _paper_stand_ins(tmp_path, tiny) -> dict:
     return dict(scale="paper", inputs=inputs, model=None, pretrained=None, checkpoint=str(ckpt))
 
 
+@pytest.mark.slow
 def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
     """A tiny checkpoint, a Karpathy JSON and a few PNGs in place of ViT-B/16 and Flickr30k."""
     import os
@@ -504,6 +504,7 @@ def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
     assert set(res["spearman_gain"]) == {"alignment", "diversity"}
 
 
+@pytest.mark.slow
 def test_chapter3b_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
     """Chapter 3b (the augmentation experiments on MAT) at paper scale: no Table 2 gallery, the claims on MAT."""
     import os
@@ -531,7 +532,7 @@ def test_chapter3b_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
     assert set(res["augmentation_gain"]) == {"human", "randaugment"}
     names = [claims.check(r)["claim"] for r in res["claims"]]
     assert names[:2] == ["MAT + I2T(Human) beats MAT (robust R@1)", "MAT + I2I(RA) beats MAT (robust R@1)"]
-    assert all(r["seeds"] == 2 for r in res["claims"] if r["n"])
+    assert all(r["seeds"] == 2 and r["n"] == 4 for r in res["claims"])     # every claim scored, at both seeds
 
 
 def test_augmentation_study_runs_without_table2s_gallery(study):
@@ -555,6 +556,9 @@ def test_augmentation_study_runs_without_table2s_gallery(study):
     assert summary["training seeds"] == "2 per model (0, 1)"
     assert summary["test gallery"] == f"{len(study.test.images)} images, {len(study.test.captions)} captions"
     assert [c.label() for c in s.table3_models()] == ["MAT", "MAT + I2T(Human)", "MAT + I2I(RA)"]
+    with pytest.raises(RClipError, match="gap_steps.*n_train_eval"):     # Table 2 asked for, no gallery: at once
+        RetrievalStudy(study.bundle, study.test, None, study.pairs, study.data_key, {**params, "gap_steps": 5},
+                       scale="world", data="stand-ins")
 
 
 def test_study_names_tell_configurations_apart(study):

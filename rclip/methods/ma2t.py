@@ -434,7 +434,11 @@ class RetrievalStudy:
             self.budgets[self.ref_label] = reference[1]     # attacked only where asked for
         self.source = self.p["text_source"]
         self.sources = list(dict.fromkeys([*(self.p.get("attack_sources") or []), self.source]))
-        if self.p.get("gap_steps") and train_eval is not None and len(train_eval.images) < int(self.p["train_batch"]):
+        if self.p.get("gap_steps") and train_eval is None:
+            raise RClipError(f"gap_steps={self.p['gap_steps']} asks for Table 2's overfitting regime, which trains and "
+                             "scores on the training gallery, but there is none: set n_train_eval (at least one "
+                             "batch of training images) or gap_steps: null")
+        if self.p.get("gap_steps") and len(train_eval.images) < int(self.p["train_batch"]):
             raise RClipError(f"Table 2's overfitting regime trains on the {len(train_eval.images)} images of the "
                              f"training gallery (n_train_eval), fewer than one batch of {self.p['train_batch']}: "
                              f"raise n_train_eval or lower train_batch")
