@@ -541,8 +541,8 @@ def test_augmentation_study_runs_without_table2s_gallery(study):
     from rclip.methods.ma2t import RetrievalStudy
 
     keep = ("eps", "eval_steps", "text_budget", "text_top_k", "text_source", "train_steps", "train_batch",
-            "train_optimizer", "train_lr", "train_warmup", "train_attack_steps", "augmentations", "attack_batch", "seed",
-            "aug_seeds")
+            "train_optimizer", "train_lr", "train_warmup", "train_attack_steps", "augmentations", "attack_batch",
+            "seed", "aug_seeds")
     params = {**{k: STUDY_PARAMS[k] for k in keep}, "bases": ["mat"]}
     s = RetrievalStudy(study.bundle, study.test, None, study.pairs, study.data_key, params, scale="world",
                        data="stand-ins", reference=("colour", 4 / 255))

@@ -412,10 +412,12 @@ class RetrievalStudy:
     per-image values of the same test images.
 
     bundle: the undefended CLIP. test / train_eval: :class:`~rclip.data.base.RetrievalSet` galleries (the test
-    split; training images with all their captions, for Table 2, or None where Table 2 is not run). pairs / data_key: the 1:1 training pairs and what
-    identifies them in the cache. params: the notebook's resolved parameters (``eps``, ``eval_steps``,
-    ``text_budget``, ``text_top_k``, ``text_source``, ``attack_sources``, ``train_*``, ``aug_steps``, ``val_steps``,
-    ``bases``, ``augmentations``, ``figure3_*``, ``n_align``, ``attack_batch``, ``seed``). reference: ``(task, eps)``
+    split; training images with all their captions, for Table 2, or None where Table 2 is not run). pairs /
+    data_key: the 1:1 training pairs and what identifies them in the cache. params: the notebook's resolved
+    parameters (``eps``, ``eval_steps``, ``text_budget``, ``text_top_k``, ``text_source``, ``attack_sources``
+    (optional), ``train_*``, ``aug_steps``, ``val_steps``, ``bases``, ``augmentations``, ``figure3_*``, ``n_align``,
+    ``attack_batch``, ``seed``; the reference budget is attacked only where ``ref_budget_attacks`` or
+    ``ref_budget_table1`` is set). reference: ``(task, eps)``
     of the world's reference budget, or None. scale, data: what the captions say. val: the validation gallery the
     training schedule is chosen on (:meth:`schedule_sweep`), or None; val_data: what it is.
     """
@@ -588,6 +590,7 @@ class RetrievalStudy:
         import pandas as pd
 
         p = self.p
+        attacks = self.steps_text() + "; SGA scales 0.5/0.75/1.25/1.5, σ 0.05; Co-Attack KL weight 3"
         if augmentations_only:
             from rclip.augment import PAPER_NAMES
 
@@ -599,12 +602,10 @@ class RetrievalStudy:
                 "augmentations": ", ".join(PAPER_NAMES[a] for a in self.augmentations),
                 "training seeds": f"{len(self.aug_seeds)} per model ({', '.join(map(str, self.aug_seeds))})",
                 "training pairs": f"{len(self.pairs)} (1:1, first caption) + 4 augmented points each",
-                "training": f"{self.aug_cfg(self.bases[0]).train.steps if self.bases else p['train_steps']} steps x "
-                            f"batch {p['train_batch']}, {p['train_optimizer']} lr {p['train_lr']:g}, inner PGD "
-                            f"{p['train_attack_steps']} step(s) at {self.nominal}",
-                "evaluation attacks": self.steps_text() + "; SGA scales 0.5/0.75/1.25/1.5, σ 0.05; Co-Attack KL "
-                                                          "weight 3",
-                "text threat model": self.source}, name="this run").to_frame()
+                "training": f"{p.get('aug_steps') or p['train_steps']} steps x batch {p['train_batch']}, "
+                            f"{p['train_optimizer']} lr {p['train_lr']:g}, inner PGD {p['train_attack_steps']} step(s) "
+                            f"at {self.nominal}",
+                "evaluation attacks": attacks, "text threat model": self.source}, name="this run").to_frame()
         return pd.Series({
             "scale": self.scale, "model": self.model_name,
             "test gallery": f"{len(self.test.images)} images, {len(self.test.captions)} captions (augmentation "
@@ -623,8 +624,7 @@ class RetrievalStudy:
                                    if self.val is not None else "-"),
             "image budgets": ", ".join(self.budgets),
             "world's reference budget": self.reference_text(),
-            "evaluation attacks": self.steps_text() + "; SGA scales 0.5/0.75/1.25/1.5, σ 0.05; Co-Attack KL weight 3",
-            "text threat model": self.source}, name="this run").to_frame()
+            "evaluation attacks": attacks, "text threat model": self.source}, name="this run").to_frame()
 
     def header(self) -> dict:
         """The run's settings for the results JSON."""
@@ -639,7 +639,8 @@ class RetrievalStudy:
                 "text_source": self.source, "train": {"steps": p["train_steps"], "batch": p["train_batch"],
                                                       "optimizer": p["train_optimizer"], "lr": f"{p['train_lr']:g}",
                                                       "attack_steps": p["train_attack_steps"]},
-                "seeds": self.seeds, "n_train_eval": len(self.train_eval.images) if self.train_eval is not None else 0, "gap_steps": p.get("gap_steps"),
+                "seeds": self.seeds, "gap_steps": p.get("gap_steps"),
+                "n_train_eval": len(self.train_eval.images) if self.train_eval is not None else 0,
                 "aug_steps": p.get("aug_steps") or p["train_steps"],
                 "n_val": len(self.val.images) if self.val is not None else 0, "val_steps": p.get("val_steps"),
                 "n_aug_eval": len(self.gallery(self.aug_split).images)}
