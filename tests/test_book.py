@@ -44,6 +44,7 @@ def test_smoke_book_executes_every_notebook_and_builds_html(smoke_site):
     for name, title in (("02_hot_clip", "HOT-CLIP: hierarchical OT fusion"),
                         ("03_ma2t", "multimodal adversarial training for image-text retrieval"),
                         ("03b_ma2t_mat", "MA²T on MAT: the augmentations at the paper"),
+                        ("03c_ma2t_mat_img", "MA²T on MAT_Img: the augmentations at the paper"),
                         ("04_otcclip", "OTCCLIP: optimal transport against poisoned pre-training pairs")):
         page = (smoke_site / "_build" / "html" / "book" / f"{name}.html").read_text()
         assert title in page and "What reproduces at this scale" in page and "<img" in page and "<table" in page
