@@ -505,8 +505,11 @@ def test_chapter3_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
 
 
 @pytest.mark.slow
-def test_chapter3b_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
-    """Chapter 3b (the augmentation experiments on MAT) at paper scale: no Table 2 gallery, the claims on MAT."""
+@pytest.mark.parametrize("notebook, base, label", [("03b_ma2t_mat", "mat", "MAT"),
+                                                   ("03c_ma2t_mat_img", "mat_img", "MAT_Img")])
+def test_augmentation_pages_run_at_paper_scale_on_stand_ins(tmp_path, tiny, notebook, base, label):
+    """Chapters 3b and 3c (the augmentation experiments on MAT, on MAT_Img) at paper scale: no Table 2 gallery, the
+    claims on the page's base."""
     import os
     from pathlib import Path
 
@@ -516,22 +519,23 @@ def test_chapter3b_runs_at_paper_scale_on_stand_ins(tmp_path, tiny):
     from rclip.profiles import notebook_parameters
 
     root = Path(__file__).resolve().parent.parent
-    params = notebook_parameters("paper", "03b_ma2t_mat")
-    assert params["scale"] == "paper" and params["bases"] == ["mat"] and "n_train_eval" not in params
-    params.update(notebook_parameters("smoke", "03b_ma2t_mat"))
-    results = tmp_path / "03b_ma2t_mat.json"
+    params = notebook_parameters("paper", notebook)
+    assert params["scale"] == "paper" and params["bases"] == [base] and "n_train_eval" not in params
+    params.update(notebook_parameters("smoke", notebook))
+    results = tmp_path / f"{notebook}.json"
     params.update(**_paper_stand_ins(tmp_path, tiny), n_eval=4, n_train=8, text_source="synonyms",
                   augmentations=["human", "randaugment"], aug_seeds=2, results_path=str(results))
     os.environ.setdefault("RCLIP_ROOT", str(root))
-    pm.execute_notebook(str(root / "notebooks" / "03b_ma2t_mat.ipynb"), str(tmp_path / "out.ipynb"),
+    pm.execute_notebook(str(root / "notebooks" / f"{notebook}.ipynb"), str(tmp_path / "out.ipynb"),
                         parameters=params, kernel_name="python3", cwd=str(root / "notebooks"), progress_bar=False)
     res = json.loads(results.read_text())["results"]
     assert res["scale"] == "paper" and res["n_eval"] == 4 and res["n_train_eval"] == 0
     assert res["budgets_255"] == {"2/255": 2.0}
-    assert {"MAT | Co-Attack", "MAT + I2T(Human) | SGA", "MAT + I2I(RA) | clean"} <= set(res["table3"])
+    assert {f"{label} | Co-Attack", f"{label} + I2T(Human) | SGA", f"{label} + I2I(RA) | clean"} <= set(res["table3"])
     assert set(res["augmentation_gain"]) == {"human", "randaugment"}
     names = [claims.check(r)["claim"] for r in res["claims"]]
-    assert names[:2] == ["MAT + I2T(Human) beats MAT (robust R@1)", "MAT + I2I(RA) beats MAT (robust R@1)"]
+    assert names[:2] == [f"{label} + I2T(Human) beats {label} (robust R@1)",
+                         f"{label} + I2I(RA) beats {label} (robust R@1)"]
     assert all(r["seeds"] == 2 and r["n"] == 4 for r in res["claims"])     # every claim scored, at both seeds
 
 
