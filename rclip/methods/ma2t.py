@@ -499,10 +499,15 @@ class RetrievalStudy:
                                             ckpt_every=min(steps, 500) or 1, log_every=max(1, steps // 10),
                                             seed=p["seed"] if seed is None else seed))
 
+    @property
+    def aug_steps(self) -> int:
+        """Training steps of the augmentation experiments: the parameter ``aug_steps``, else ``train_steps``."""
+        return int(self.p.get("aug_steps") or self.p["train_steps"])
+
     def aug_cfg(self, method: str, augment: str | None = None, **kw) -> MA2TConfig:
         """The training settings of the augmentation experiments (Tables 3 / 5, Figures 1–3): :meth:`train_cfg` at
-        ``aug_steps`` steps (default ``train_steps``)."""
-        return self.train_cfg(method, augment, steps=self.p.get("aug_steps") or None, **kw)
+        :attr:`aug_steps` steps."""
+        return self.train_cfg(method, augment, steps=self.aug_steps, **kw)
 
     def name(self, cfg: MA2TConfig | None) -> str:
         """The row label of a configuration (``None``: the undefended CLIP); MAT's text adversary other than the
@@ -602,7 +607,7 @@ class RetrievalStudy:
                 "augmentations": ", ".join(PAPER_NAMES[a] for a in self.augmentations),
                 "training seeds": f"{len(self.aug_seeds)} per model ({', '.join(map(str, self.aug_seeds))})",
                 "training pairs": f"{len(self.pairs)} (1:1, first caption) + 4 augmented points each",
-                "training": f"{p.get('aug_steps') or p['train_steps']} steps x batch {p['train_batch']}, "
+                "training": f"{self.aug_steps} steps x batch {p['train_batch']}, "
                             f"{p['train_optimizer']} lr {p['train_lr']:g}, inner PGD {p['train_attack_steps']} step(s) "
                             f"at {self.nominal}",
                 "evaluation attacks": attacks, "text threat model": self.source}, name="this run").to_frame()
@@ -617,8 +622,8 @@ class RetrievalStudy:
             "training pairs": f"{len(self.pairs)} (1:1, first caption) + 4 augmented points each for MA²T",
             "training": f"{p['train_steps']} steps x batch {p['train_batch']}, {p['train_optimizer']} lr "
                         f"{p['train_lr']:g}, inner PGD {p['train_attack_steps']} step(s) at {self.nominal}"
-                        + (f" (augmentation experiments: {p['aug_steps']} steps)"
-                           if p.get("aug_steps") and p["aug_steps"] != p["train_steps"] else ""),
+                        + (f" (augmentation experiments: {self.aug_steps} steps)"
+                           if self.aug_steps != p["train_steps"] else ""),
             "schedule chosen on": (f"{len(self.val.images)} validation images (MAT vs MAT_Img under BERT-Attack at "
                                    f"{', '.join(str(s) for s in self.sweep_steps)} steps)"
                                    if self.val is not None else "-"),
@@ -641,7 +646,7 @@ class RetrievalStudy:
                                                       "attack_steps": p["train_attack_steps"]},
                 "seeds": self.seeds, "gap_steps": p.get("gap_steps"),
                 "n_train_eval": len(self.train_eval.images) if self.train_eval is not None else 0,
-                "aug_steps": p.get("aug_steps") or p["train_steps"],
+                "aug_steps": self.aug_steps,
                 "n_val": len(self.val.images) if self.val is not None else 0, "val_steps": p.get("val_steps"),
                 "n_aug_eval": len(self.gallery(self.aug_split).images)}
 
