@@ -5,6 +5,10 @@
   attack again guided by the adversarial images, then R@K over the whole gallery). Printed as seconds and
   extrapolated linearly to 1 000 images x 5 000 captions (the paper's Flickr30k 1K test set) when N is smaller;
   the extrapolation is labelled as such.
+* **The lean image forward** (``CLIPBundle.attack_features``: patches as one matrix product, one attention call per
+  block, the last block for the class token only) against open_clip's ``encode_image``, which the image steps ran
+  before: SGA end to end with each (same seed; the recalls should agree), and the forward + input gradient of one
+  image batch's views alone, with the largest differences in embeddings and gradients.
 * **What SGA no longer repeats**, each against the path it replaced, on the same inputs: its resizes as 1-D
   resampling matrix products against ``F.interpolate`` (forward + input gradient of the four rescaled views), and its
   second guided text pass with the first pass's memo of encoded texts against the same pass on its own (the
@@ -22,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 from dataclasses import replace
@@ -29,11 +34,28 @@ from dataclasses import replace
 import torch
 
 from rclip import models, world
+from rclip.models import CLIPBundle, in_cpu_pieces
 from rclip.attacks import RetrievalAttackConfig, TextAttackConfig, evaluate_attacks, text_attack
+from rclip.attacks.image import fp32_eval
 from rclip.attacks.multimodal import _bicubic, _similarity_descent
 from rclip.attacks.text import _embed, rank_words, trimmed_text_features
 
 import common  # benchmarks/common.py
+
+
+@contextlib.contextmanager
+def open_clip_forward():
+    """The retrieval attacks' image steps through open_clip's ``encode_image`` (what they ran before the lean
+    forward), in the same CPU pieces."""
+    lean = CLIPBundle.attack_features
+
+    def forward(self, images, normalize=True):
+        return in_cpu_pieces(lambda x: self.model.encode_image(self.normalize(x), normalize=normalize), images)
+    CLIPBundle.attack_features = forward
+    try:
+        yield
+    finally:
+        CLIPBundle.attack_features = lean
 
 
 def main(argv=None):
@@ -67,6 +89,10 @@ def main(argv=None):
     out.update(sga_s=round(sga_s, 2), sga_recall={k: round(v, 2) for k, v in res["sga"].recall.items()})
     out["sga_s_per_1000_images"] = round(sga_s * 1000 / n, 1)
     out["sga_1000_extrapolated"] = n != 1000
+    with open_clip_forward():
+        old_s, old = common.clock(lambda: evaluate_attacks(bundle, gallery, ["sga"], cfg, ks=(1, 5)), device)
+    out["lean_forward"] = {"sga_open_clip_forward_s": round(old_s, 2), "sga_speedup": round(old_s / sga_s, 2),
+                           "sga_open_clip_forward_recall": {k: round(v, 2) for k, v in old["sga"].recall.items()}}
 
     # (a) batched text attack vs one caption at a time
     caps = gallery.captions[:args.loop_captions]
@@ -136,12 +162,37 @@ def main(argv=None):
     out["text_memo"] = {"second_pass_shared_s": round(shared_s, 2), "second_pass_alone_s": round(alone_s, 2),
                         "speedup": round(alone_s / shared_s, 2), "identical": shared == alone}
 
+    # (f) the lean image forward vs open_clip's: forward + input gradient of one image batch's views
+    xv = torch.cat([x] * (1 + len(cfg.scales)))
+    w = torch.randn(len(xv), bundle.meta["embed_dim"], generator=torch.Generator().manual_seed(3), device=device)
+
+    def step(forward):
+        a = xv.clone().requires_grad_(True)
+        f = forward(a)
+        return f.detach(), torch.autograd.grad((f * w).sum(), a)[0]
+
+    with fp32_eval(bundle.model):
+        lean_s, _, (f_lean, g_lean) = common.timed(lambda: step(bundle.attack_features), device, 3)
+        with open_clip_forward():
+            oc_s, _, (f_oc, g_oc) = common.timed(lambda: step(bundle.attack_features), device, 3)
+    out["lean_forward"].update(views=len(xv), lean_s=round(lean_s, 3), open_clip_s=round(oc_s, 3),
+                               speedup=round(oc_s / lean_s, 2), max_abs_diff=float((f_lean - f_oc).abs().max()),
+                               grad_max_abs_diff=float((g_lean - g_oc).abs().max()),
+                               grad_max_abs=float(g_oc.abs().max()))
+
     extra = " (extrapolated from N = %d)" % n if n != 1000 else ""
     print(f"device {out['device_name']} ({out['threads']} threads), world CLIP, SGA eps {args.eps:g}/255, "
           f"{args.steps} steps, {args.source} substitutes")
     print(f"SGA evaluation, {n} images x {len(gallery.captions)} captions: {sga_s:.1f} s; "
           f"per 1000 images x 5000 captions: {out['sga_s_per_1000_images']:.0f} s{extra}")
     print(f"  R@1 TR / IR under SGA: {res['sga'].recall['i2t_R@1']:.1f} / {res['sga'].recall['t2i_R@1']:.1f}")
+    lf = out["lean_forward"]
+    print(f"  with open_clip's image forward instead of the lean one: {lf['sga_open_clip_forward_s']:.1f} s -> "
+          f"{lf['sga_speedup']}x (R@1 TR / IR {lf['sga_open_clip_forward_recall']['i2t_R@1']:.1f} / "
+          f"{lf['sga_open_clip_forward_recall']['t2i_R@1']:.1f})")
+    print(f"lean image forward (forward + input gradient, {lf['views']} views): {lf['lean_s']} s vs open_clip's "
+          f"{lf['open_clip_s']} s -> {lf['speedup']}x (max |diff| {lf['max_abs_diff']:.1e}, gradient "
+          f"{lf['grad_max_abs_diff']:.1e} of at most {lf['grad_max_abs']:.1e})")
     ta, te, im = out["text_attack"], out["text_encoder"], out["image_step"]
     print(f"text attack: batched {ta['batched_captions_per_s']} captions/s vs one at a time "
           f"{ta['looped_captions_per_s']} -> {ta['speedup']}x (identical: {ta['identical']})")

@@ -103,19 +103,62 @@ def test_shipped_world_clip_matches_its_checksum():
     assert next(bundle.model.parameters()).dtype == torch.float32
 
 
-def test_image_features_in_cpu_pieces_equal_one_batch(tiny, monkeypatch):
+@pytest.mark.parametrize("method", ["image_features", "attack_features"])
+def test_image_features_in_cpu_pieces_equal_one_batch(tiny, monkeypatch, method):
     """A batch larger than CPU_IMAGE_CHUNK runs in pieces: the same embeddings and the same input gradients."""
     from rclip import models
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(10, 3, 32, 32, generator=g)
     w = torch.randn(10, tiny.model.text_projection.shape[1], generator=g)
+    tiny.model.eval()
 
     def run():
         xr = x.clone().requires_grad_(True)
-        f = tiny.image_features(xr)
+        f = getattr(tiny, method)(xr)
         return f.detach(), torch.autograd.grad((f * w).sum(), xr)[0]
     whole = run()
     monkeypatch.setattr(models, "CPU_IMAGE_CHUNK", 3)             # 3 + 3 + 3 + 1
     pieces = run()
     assert torch.allclose(pieces[0], whole[0], atol=1e-6) and torch.allclose(pieces[1], whole[1], atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["rclip-tiny", "world", "ViT-B-32"])
+def test_lean_image_forward_equals_open_clips(name):
+    """The attacks' leaner forward (patches as one matrix product, one attention call per block, the last block for
+    the class token only) against open_clip's encode_image on the same pixels: the same embeddings, unit-norm and
+    not, and the same input gradients, up to float rounding; the three towers are ones it covers."""
+    bundle = models.load(name) if name != "ViT-B-32" else models.load(name, None)
+    bundle.model.eval()
+    assert models.lean_forward_covers(bundle.model.visual)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, bundle.image_size, bundle.image_size, generator=g)
+    for normalize in (True, False):
+        outs = []
+        for forward in (lambda a: bundle.model.encode_image(bundle.normalize(a), normalize=normalize),
+                        lambda a: bundle.attack_features(a, normalize=normalize)):
+            a = x.clone().requires_grad_(True)
+            f = forward(a)
+            w = torch.randn(f.shape, generator=torch.Generator().manual_seed(1))
+            outs.append((f.detach(), torch.autograd.grad((f * w).sum(), a)[0]))
+        (f0, g0), (f1, g1) = outs
+        assert f1.shape == f0.shape and not torch.equal(g0, torch.zeros_like(g0))
+        assert (f1 - f0).abs().max() <= 1e-5 * f0.abs().max() + 1e-7
+        assert (g1 - g0).abs().max() <= 1e-5 * g0.abs().max() + 1e-9
+
+
+def test_attack_features_take_open_clips_forward_where_the_lean_one_does_not_apply(tiny):
+    """A tower the lean forward does not cover (here: average pooling instead of the class token) and a tower in
+    training mode go through open_clip's forward, bit for bit; the lean one would be wrong for the first."""
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    avg = tiny.copy()
+    avg.model.eval()
+    avg.model.visual.pool_type = "avg"
+    assert not models.lean_forward_covers(avg.model.visual)
+    with torch.no_grad():
+        want = avg.model.encode_image(avg.normalize(x), normalize=True)
+        assert torch.equal(avg.attack_features(x), want)
+        assert not torch.allclose(models.lean_image_forward(avg.model.visual, avg.normalize(x)), want, atol=1e-3)
+        train = tiny.copy()
+        train.model.train()
+        assert torch.equal(train.attack_features(x), train.model.encode_image(train.normalize(x), normalize=True))

@@ -119,18 +119,26 @@ def test_bicubic_as_matrix_products_equals_interpolate(shape, size, antialias):
     assert torch.allclose(outs[1], outs[0], atol=1e-5) and torch.allclose(grads[1], grads[0], atol=1e-4)
 
 
-def test_sga_same_adversarial_outputs_as_the_interpolate_path(tiny, gallery, monkeypatch):
-    """SGA with the matrix resizes and the memo of encoded texts against the path they replaced (interpolate; every
-    candidate text encoded in its round, the caption as it stands included) on a fixed seed: the same captions, and
-    the same images but for sign steps that flip where a gradient is ~0 (a rounding difference of ~1e-7 can)."""
+def open_clip_forward(bundle, images, normalize=True):
+    """What the retrieval attacks' image steps ran before the lean forward: open_clip's encode_image."""
+    return bundle.model.encode_image(bundle.normalize(images), normalize=normalize)
+
+
+def test_sga_same_adversarial_outputs_as_the_path_it_replaced(tiny, gallery, monkeypatch):
+    """SGA with the matrix resizes, the memo of encoded texts and the lean image forward against the path they
+    replaced (interpolate; every candidate text encoded in its round, the caption as it stands included; open_clip's
+    forward) on a fixed seed: the same captions, and the same images but for sign steps that flip where a gradient
+    is ~0 (a rounding difference of ~1e-7 can)."""
     import rclip.attacks.multimodal as mm
     import rclip.attacks.text as text_mod
+    from rclip.models import CLIPBundle
 
     cfg = RetrievalAttackConfig(eps=EPS, steps=3)
     x = gallery.image_tensor()
     new_adv, new_caps = sga(tiny, x, gallery.captions, gallery.img2txt, cfg)
     monkeypatch.setattr(mm, "_bicubic", lambda a, size, aa: F.interpolate(a, size=size, mode="bicubic",
                                                                           align_corners=False, antialias=aa))
+    monkeypatch.setattr(CLIPBundle, "attack_features", open_clip_forward)
     def every_text_encoded(b, texts, bs, memo):           # the replaced path: no memo, each round's texts encoded
         with fp32_eval(b.model):
             return text_mod._embed(b, texts, bs)
@@ -138,6 +146,22 @@ def test_sga_same_adversarial_outputs_as_the_interpolate_path(tiny, gallery, mon
     old_adv, old_caps = sga(tiny, x, gallery.captions, gallery.img2txt, cfg)
     assert new_caps == old_caps
     assert ((new_adv - old_adv).abs() > 1e-6).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("attack", [pgd_retrieval, co_attack])
+def test_image_steps_same_adversarial_images_with_open_clips_forward(tiny, gallery, monkeypatch, attack):
+    """PGD and Co-Attack step with the lean image forward; on a fixed seed they find the images open_clip's forward
+    finds, but for sign steps that flip where a gradient is ~0."""
+    from rclip.models import CLIPBundle
+
+    cfg = RetrievalAttackConfig(eps=EPS, steps=3)
+    x = gallery.image_tensor()
+    lean = attack(tiny, x, gallery.captions, gallery.img2txt, cfg)
+    monkeypatch.setattr(CLIPBundle, "attack_features", open_clip_forward)
+    old = attack(tiny, x, gallery.captions, gallery.img2txt, cfg)
+    lean, old = (a[0] if isinstance(a, tuple) else a for a in (lean, old))
+    assert (old - x).abs().max() > EPS / 2                         # the attack moved the images
+    assert ((lean - old).abs() > 1e-6).float().mean() < 1e-3
 
 
 def test_ascend_explicit_start_is_projected():
