@@ -7,8 +7,8 @@
   the extrapolation is labelled as such.
 * **The lean image forward** (``CLIPBundle.attack_features``: patches as one matrix product, one attention call per
   block, the last block for the class token only) against open_clip's ``encode_image``, which the image steps ran
-  before: SGA end to end with each (same seed; the recalls should agree), and the forward + input gradient of one
-  image batch's views alone, with the largest differences in embeddings and gradients.
+  before: SGA end to end with each (same seed; the recalls should agree), and the forward + input gradient of five
+  copies of one image batch (SGA's count of views) alone, with the largest differences in embeddings and gradients.
 * **What SGA no longer repeats**, each against the path it replaced, on the same inputs: its resizes as 1-D
   resampling matrix products against ``F.interpolate`` (forward + input gradient of the four rescaled views), and its
   second guided text pass with the first pass's memo of encoded texts against the same pass on its own (the
@@ -162,7 +162,7 @@ def main(argv=None):
     out["text_memo"] = {"second_pass_shared_s": round(shared_s, 2), "second_pass_alone_s": round(alone_s, 2),
                         "speedup": round(alone_s / shared_s, 2), "identical": shared == alone}
 
-    # (f) the lean image forward vs open_clip's: forward + input gradient of one image batch's views
+    # (f) the lean image forward vs open_clip's: forward + input gradient of five copies of one image batch
     xv = torch.cat([x] * (1 + len(cfg.scales)))
     w = torch.randn(len(xv), bundle.meta["embed_dim"], generator=torch.Generator().manual_seed(3), device=device)
 
@@ -190,7 +190,7 @@ def main(argv=None):
     print(f"  with open_clip's image forward instead of the lean one: {lf['sga_open_clip_forward_s']:.1f} s -> "
           f"{lf['sga_speedup']}x (R@1 TR / IR {lf['sga_open_clip_forward_recall']['i2t_R@1']:.1f} / "
           f"{lf['sga_open_clip_forward_recall']['t2i_R@1']:.1f})")
-    print(f"lean image forward (forward + input gradient, {lf['views']} views): {lf['lean_s']} s vs open_clip's "
+    print(f"lean image forward (forward + input gradient, {lf['views']} images): {lf['lean_s']} s vs open_clip's "
           f"{lf['open_clip_s']} s -> {lf['speedup']}x (max |diff| {lf['max_abs_diff']:.1e}, gradient "
           f"{lf['grad_max_abs_diff']:.1e} of at most {lf['grad_max_abs']:.1e})")
     ta, te, im = out["text_attack"], out["text_encoder"], out["image_step"]

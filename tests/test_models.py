@@ -147,18 +147,84 @@ def test_lean_image_forward_equals_open_clips(name):
         assert (g1 - g0).abs().max() <= 1e-5 * g0.abs().max() + 1e-9
 
 
-def test_attack_features_take_open_clips_forward_where_the_lean_one_does_not_apply(tiny):
-    """A tower the lean forward does not cover (here: average pooling instead of the class token) and a tower in
-    training mode go through open_clip's forward, bit for bit; the lean one would be wrong for the first."""
+VARIANTS = {"layer scale": dict(ls_init_value=0.5), "QuickGELU": dict(act="quick"), "no ln_pre": dict(no_ln_pre=True),
+            "LN after pool": dict(final_ln_after_pool=True), "no proj": dict(proj=None),
+            "conv bias": dict(conv_bias=True), "no attention biases": dict(attn_bias=False),
+            "oblong patches": dict(image_size=(32, 48), patch_size=(8, 16)), "partial patches": dict(crop=(35, 37))}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lean_image_forward_on_tower_options(variant):
+    """Tiny open_clip VisionTransformers built with each option the lean forward is meant to cover (layer scale,
+    QuickGELU, no pre-LN, LN after pooling, no projection, a biased patch convolution, attention without biases,
+    oblong patches and images, a size that leaves a partial patch for the convolution to drop): open_clip's forward
+    and the lean one agree in embeddings and input gradients."""
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
+    opts = dict(VARIANTS[variant])
+    act, proj, conv_bias, attn_bias, crop = (opts.pop(k, d) for k, d in
+                                             [("act", None), ("proj", 0), ("conv_bias", False), ("attn_bias", True),
+                                              ("crop", None)])
+    torch.manual_seed(0)
+    v = VisionTransformer(**{"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 4,
+                             "mlp_ratio": 2.0, "output_dim": 16, **opts, **({"act_layer": QuickGELU} if act else {})})
+    if proj is None:
+        v.proj = None
+    if conv_bias:
+        conv = torch.nn.Conv2d(3, 32, v.conv1.kernel_size, v.conv1.stride, bias=True)
+        conv.weight.data.copy_(v.conv1.weight)
+        v.conv1 = conv
+    if not attn_bias:
+        for blk in v.transformer.resblocks:
+            blk.attn.in_proj_bias, blk.attn.out_proj.bias = None, None
+    with torch.no_grad():
+        for prm in v.parameters():                  # random everywhere, so that no option is a no-op
+            prm.add_(0.3 * torch.randn(prm.shape))
+    v.eval()
+    assert models.lean_forward_covers(v)
+    size = crop or v.image_size
+    x = torch.randn(3, 3, *size, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for forward in (v, lambda a: models.lean_image_forward(v, a, normalize=False)):
+        a = x.clone().requires_grad_(True)
+        f = forward(a)
+        outs.append((f.detach(), torch.autograd.grad((f * torch.arange(f.shape[-1])).sum(), a)[0]))
+    (f0, g0), (f1, g1) = outs
+    assert (f1 - f0).abs().max() <= 1e-5 * f0.abs().max() and (g1 - g0).abs().max() <= 1e-5 * g0.abs().max()
+
+
+def test_attack_features_take_open_clips_forward_where_the_lean_one_does_not_apply(tiny, monkeypatch):
+    """A tower the lean forward does not cover (here: average pooling instead of the class token, for which it would
+    be wrong), a tower with a module in training mode, a hooked tower and one whose attention is a subclass go
+    through open_clip's forward: the lean one is never called."""
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     avg = tiny.copy()
     avg.model.eval()
     avg.model.visual.pool_type = "avg"
-    assert not models.lean_forward_covers(avg.model.visual)
     with torch.no_grad():
         want = avg.model.encode_image(avg.normalize(x), normalize=True)
-        assert torch.equal(avg.attack_features(x), want)
         assert not torch.allclose(models.lean_image_forward(avg.model.visual, avg.normalize(x)), want, atol=1e-3)
-        train = tiny.copy()
-        train.model.train()
-        assert torch.equal(train.attack_features(x), train.model.encode_image(train.normalize(x), normalize=True))
+    mixed = tiny.copy()
+    mixed.model.eval()
+    mixed.model.visual.transformer.resblocks[0].attn.train()
+    hooked = tiny.copy()
+    hooked.model.eval()
+    hooked.model.visual.transformer.resblocks[-1].register_forward_hook(lambda *_: None)
+    sub = tiny.copy()
+    sub.model.eval()
+
+    class Attention(torch.nn.MultiheadAttention):
+        pass
+    sub.model.visual.transformer.resblocks[0].attn.__class__ = Attention
+
+    def never(*_, **__):
+        raise AssertionError("the lean forward ran on a tower it does not cover")
+    monkeypatch.setattr(models, "lean_image_forward", never)
+    for bundle in (avg, mixed, hooked, sub):
+        assert not models.lean_forward_covers(bundle.model.visual)
+        with torch.no_grad():
+            assert torch.equal(bundle.attack_features(x), bundle.model.encode_image(bundle.normalize(x), normalize=True))
+    trained = tiny.copy()
+    trained.model.train()
+    with torch.no_grad():
+        trained.attack_features(x)

@@ -119,6 +119,19 @@ def test_bicubic_as_matrix_products_equals_interpolate(shape, size, antialias):
     assert torch.allclose(outs[1], outs[0], atol=1e-5) and torch.allclose(grads[1], grads[0], atol=1e-4)
 
 
+def count_lean_calls(monkeypatch) -> list[int]:
+    """Count the calls of the lean image forward from now on (in a one-item list)."""
+    from rclip import models
+
+    calls, inner = [0], models.lean_image_forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+    monkeypatch.setattr(models, "lean_image_forward", counted)
+    return calls
+
+
 def open_clip_forward(bundle, images, normalize=True):
     """What the retrieval attacks' image steps ran before the lean forward: open_clip's encode_image."""
     return bundle.model.encode_image(bundle.normalize(images), normalize=normalize)
@@ -135,7 +148,9 @@ def test_sga_same_adversarial_outputs_as_the_path_it_replaced(tiny, gallery, mon
 
     cfg = RetrievalAttackConfig(eps=EPS, steps=3)
     x = gallery.image_tensor()
+    lean_calls = count_lean_calls(monkeypatch)
     new_adv, new_caps = sga(tiny, x, gallery.captions, gallery.img2txt, cfg)
+    assert lean_calls[0] > 0
     monkeypatch.setattr(mm, "_bicubic", lambda a, size, aa: F.interpolate(a, size=size, mode="bicubic",
                                                                           align_corners=False, antialias=aa))
     monkeypatch.setattr(CLIPBundle, "attack_features", open_clip_forward)
@@ -143,8 +158,9 @@ def test_sga_same_adversarial_outputs_as_the_path_it_replaced(tiny, gallery, mon
         with fp32_eval(b.model):
             return text_mod._embed(b, texts, bs)
     monkeypatch.setattr(text_mod, "_embed_memo", every_text_encoded)
+    lean_calls[0] = 0
     old_adv, old_caps = sga(tiny, x, gallery.captions, gallery.img2txt, cfg)
-    assert new_caps == old_caps
+    assert lean_calls[0] == 0 and new_caps == old_caps
     assert ((new_adv - old_adv).abs() > 1e-6).float().mean() < 1e-3
 
 
@@ -156,9 +172,13 @@ def test_image_steps_same_adversarial_images_with_open_clips_forward(tiny, galle
 
     cfg = RetrievalAttackConfig(eps=EPS, steps=3)
     x = gallery.image_tensor()
+    lean_calls = count_lean_calls(monkeypatch)
     lean = attack(tiny, x, gallery.captions, gallery.img2txt, cfg)
+    assert lean_calls[0] > 0
     monkeypatch.setattr(CLIPBundle, "attack_features", open_clip_forward)
+    lean_calls[0] = 0
     old = attack(tiny, x, gallery.captions, gallery.img2txt, cfg)
+    assert lean_calls[0] == 0
     lean, old = (a[0] if isinstance(a, tuple) else a for a in (lean, old))
     assert (old - x).abs().max() > EPS / 2                         # the attack moved the images
     assert ((lean - old).abs() > 1e-6).float().mean() < 1e-3

@@ -20,8 +20,9 @@ words); retrieval is then scored over all adversarial images against all adversa
                 ``alpha`` as PGD's; (3) the original captions again, now guided by the adversarial image.
 
 The image steps of all three run the image tower through :meth:`rclip.models.CLIPBundle.attack_features`, a leaner
-forward of the same ViT (equal to open_clip's ``encode_image`` up to float rounding; ~1.5x faster on the CPU); the
-adversarial images are then scored with open_clip's forward, as every other evaluation.
+forward of the same ViT (equal to open_clip's ``encode_image`` up to float rounding; for the world CLIP on 2 CPU
+threads, 1.49x faster in forward and input gradient); the adversarial images are then scored with open_clip's
+forward, as every other evaluation.
 
 Attack success (SGA's definition, a ratio) is the share of queries retrieved correctly at R@K before the attack
 that are not after it; Co-Attack reports the difference of R@K before and after. :func:`attack_success` gives the
