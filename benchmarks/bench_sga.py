@@ -34,7 +34,6 @@ from dataclasses import replace
 import torch
 
 from rclip import models, world
-from rclip.models import CLIPBundle, in_cpu_pieces
 from rclip.attacks import RetrievalAttackConfig, TextAttackConfig, evaluate_attacks, text_attack
 from rclip.attacks.image import fp32_eval
 from rclip.attacks.multimodal import _bicubic, _similarity_descent
@@ -46,16 +45,13 @@ import common  # benchmarks/common.py
 @contextlib.contextmanager
 def open_clip_forward():
     """The retrieval attacks' image steps through open_clip's ``encode_image`` (what they ran before the lean
-    forward), in the same CPU pieces."""
-    lean = CLIPBundle.attack_features
-
-    def forward(self, images, normalize=True):
-        return in_cpu_pieces(lambda x: self.model.encode_image(self.normalize(x), normalize=normalize), images)
-    CLIPBundle.attack_features = forward
+    forward): ``CLIPBundle.attack_features`` takes its fallback, in the same CPU pieces."""
+    covers = models.lean_forward_covers
+    models.lean_forward_covers = lambda visual: False
     try:
         yield
     finally:
-        CLIPBundle.attack_features = lean
+        models.lean_forward_covers = covers
 
 
 def main(argv=None):

@@ -121,9 +121,9 @@ class CLIPBundle:
         towers, and a tower not wholly in eval mode, take open_clip's forward. Batched on the CPU as
         :meth:`image_features`."""
         visual = self.model.visual
-        if not lean_forward_covers(visual):
-            return in_cpu_pieces(lambda x: self.model.encode_image(self.normalize(x), normalize=normalize), images)
-        return in_cpu_pieces(lambda x: lean_image_forward(visual, self.normalize(x), normalize), images)
+        encode = (lambda x: lean_image_forward(visual, x, normalize)) if lean_forward_covers(visual) else \
+            (lambda x: self.model.encode_image(x, normalize=normalize))
+        return in_cpu_pieces(lambda x: encode(self.normalize(x)), images)
 
     def text_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Differentiable unit-norm text embeddings. tokens: (N, L) -> (N, D)."""

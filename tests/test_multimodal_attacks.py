@@ -132,9 +132,11 @@ def count_lean_calls(monkeypatch) -> list[int]:
     return calls
 
 
-def open_clip_forward(bundle, images, normalize=True):
-    """What the retrieval attacks' image steps ran before the lean forward: open_clip's encode_image."""
-    return bundle.model.encode_image(bundle.normalize(images), normalize=normalize)
+def open_clip_forward(monkeypatch):
+    """From now on the attacks' image steps take open_clip's encode_image (what they ran before the lean forward)."""
+    from rclip import models
+
+    monkeypatch.setattr(models, "lean_forward_covers", lambda visual: False)
 
 
 def test_sga_same_adversarial_outputs_as_the_path_it_replaced(tiny, gallery, monkeypatch):
@@ -144,7 +146,6 @@ def test_sga_same_adversarial_outputs_as_the_path_it_replaced(tiny, gallery, mon
     is ~0 (a rounding difference of ~1e-7 can)."""
     import rclip.attacks.multimodal as mm
     import rclip.attacks.text as text_mod
-    from rclip.models import CLIPBundle
 
     cfg = RetrievalAttackConfig(eps=EPS, steps=3)
     x = gallery.image_tensor()
@@ -153,7 +154,7 @@ def test_sga_same_adversarial_outputs_as_the_path_it_replaced(tiny, gallery, mon
     assert lean_calls[0] > 0
     monkeypatch.setattr(mm, "_bicubic", lambda a, size, aa: F.interpolate(a, size=size, mode="bicubic",
                                                                           align_corners=False, antialias=aa))
-    monkeypatch.setattr(CLIPBundle, "attack_features", open_clip_forward)
+    open_clip_forward(monkeypatch)
     def every_text_encoded(b, texts, bs, memo):           # the replaced path: no memo, each round's texts encoded
         with fp32_eval(b.model):
             return text_mod._embed(b, texts, bs)
@@ -168,14 +169,13 @@ def test_sga_same_adversarial_outputs_as_the_path_it_replaced(tiny, gallery, mon
 def test_image_steps_same_adversarial_images_with_open_clips_forward(tiny, gallery, monkeypatch, attack):
     """PGD and Co-Attack step with the lean image forward; on a fixed seed they find the images open_clip's forward
     finds, but for sign steps that flip where a gradient is ~0."""
-    from rclip.models import CLIPBundle
 
     cfg = RetrievalAttackConfig(eps=EPS, steps=3)
     x = gallery.image_tensor()
     lean_calls = count_lean_calls(monkeypatch)
     lean = attack(tiny, x, gallery.captions, gallery.img2txt, cfg)
     assert lean_calls[0] > 0
-    monkeypatch.setattr(CLIPBundle, "attack_features", open_clip_forward)
+    open_clip_forward(monkeypatch)
     lean_calls[0] = 0
     old = attack(tiny, x, gallery.captions, gallery.img2txt, cfg)
     assert lean_calls[0] == 0
